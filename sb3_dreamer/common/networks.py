@@ -1,0 +1,245 @@
+"""Encoders, decoders and MLP heads of the world model, sized from the observation space.
+
+* Images (3-D ``Box`` spaces of any dtype, channel-first or channel-last) go through a CNN. Images with both sides
+  >= 16 pixels use the paper's stack of kernel-4 / stride-2 convolutions with depth ``cnn_depth * 2**i`` (four layers at
+  64x64, as in the official Atari encoder); smaller images such as MinAtar's 10x10 grids use two kernel-3 / stride-1
+  convolutions that keep the resolution. The decoder mirrors the encoder with transposed convolutions whose output
+  padding reproduces the exact input size.
+* Everything else (vectors, ``Discrete``/``MultiDiscrete``/``MultiBinary`` observations) goes through an MLP.
+* ``Dict`` spaces combine both: one encoder per key, embeddings concatenated; one decoder output per key.
+
+Observations are preprocessed as in the official code: ``uint8`` images to ``x / 255 - 0.5``, boolean grids to
+``x - 0.5``, vectors to float32. The decoders predict in that preprocessed space, so reconstruction targets are the
+preprocessed observations.
+"""
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.preprocessing import is_image_space_channels_first
+from torch import nn
+from torch.nn import functional as F
+
+from sb3_dreamer.common.type_aliases import ObsTensor, TensorDict
+
+
+def mlp(input_dim: int, output_dim: int, layers: int, units: int, layer_norm: bool = False) -> nn.Sequential:
+    """``layers`` hidden layers of ``units`` ELU units (optionally layer-normed), then a linear output layer."""
+    modules: list[nn.Module] = []
+    last = input_dim
+    for _ in range(layers):
+        modules.append(nn.Linear(last, units))
+        if layer_norm:
+            modules.append(nn.LayerNorm(units))
+        modules.append(nn.ELU())
+        last = units
+    modules.append(nn.Linear(last, output_dim))
+    return nn.Sequential(*modules)
+
+
+class ObservationCodec:
+    """How one observation key is turned into network input (and reconstruction target).
+
+    :param space: the observation space of this key
+    """
+
+    def __init__(self, space: spaces.Space) -> None:
+        self.space = space
+        self.is_image = isinstance(space, spaces.Box) and len(space.shape) == 3
+        if isinstance(space, spaces.Box) and len(space.shape) not in (1, 3):
+            raise ValueError(
+                f"Unsupported observation shape {space.shape}: sb3_dreamer handles vectors (1-D Box) and images (3-D Box, "
+                "channel-first or channel-last). Flatten or reshape other observations with a gymnasium wrapper."
+            )
+        if not isinstance(space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
+            raise ValueError(f"Unsupported observation space {space}.")
+        if self.is_image:
+            shape = space.shape
+            self.channels_first = bool(is_image_space_channels_first(space))  # type: ignore[arg-type]
+            c, h, w = shape if self.channels_first else (shape[2], shape[0], shape[1])
+            if min(h, w) < 4:
+                raise ValueError(f"Image observations must be at least 4x4 pixels, got {shape}.")
+            self.shape: tuple[int, ...] = (c, h, w)
+        elif isinstance(space, spaces.Discrete):
+            self.shape = (int(space.n),)
+        elif isinstance(space, spaces.MultiDiscrete):
+            self.shape = (int(np.sum(space.nvec)),)
+        else:
+            self.shape = (int(np.prod(space.shape)),)
+
+    def __call__(self, obs: th.Tensor) -> th.Tensor:
+        """Preprocess ``obs`` of shape ``[*batch, *space.shape]`` to float ``[*batch, *self.shape]``."""
+        space = self.space
+        if isinstance(space, spaces.Discrete):
+            index = obs.long()
+            if index.dim() > 1 and index.shape[-1] == 1:  # buffer layout [*batch, 1]
+                index = index.squeeze(-1)
+            return F.one_hot(index, int(space.n)).float()
+        if isinstance(space, spaces.MultiDiscrete):
+            return th.cat([F.one_hot(obs[..., i].long(), int(n)).float() for i, n in enumerate(space.nvec)], dim=-1)
+        if not self.is_image:
+            batch = obs.shape[: obs.dim() - len(space.shape)]
+            return obs.float().reshape(*batch, -1)
+        if not self.channels_first:
+            obs = obs.movedim(-1, -3)  # [*, H, W, C] -> [*, C, H, W]
+        if obs.dtype == th.uint8:
+            return obs.float() / 255.0 - 0.5
+        if obs.dtype == th.bool:
+            return obs.float() - 0.5
+        return obs.float()
+
+
+def _conv_plan(height: int, width: int) -> tuple[int, int, int]:
+    """(kernel, stride, n_layers) of the CNN for an image of this size."""
+    if min(height, width) < 16:
+        return 3, 1, 2  # MinAtar-sized: keep the resolution
+    n_layers, h, w = 0, height, width
+    while n_layers < 4 and (h - 4) // 2 + 1 >= 2 and (w - 4) // 2 + 1 >= 2:
+        h, w, n_layers = (h - 4) // 2 + 1, (w - 4) // 2 + 1, n_layers + 1
+    return 4, 2, n_layers
+
+
+class ConvEncoder(nn.Module):
+    """CNN from a ``[*, C, H, W]`` float image to a flat embedding.
+
+    :param shape: (C, H, W)
+    :param depth: channels of the first layer; layer i has ``depth * 2**i``
+    """
+
+    def __init__(self, shape: tuple[int, ...], depth: int) -> None:
+        super().__init__()
+        channels, height, width = shape
+        kernel, stride, n_layers = _conv_plan(height, width)
+        padding = kernel // 2 if stride == 1 else 0
+        layers: list[nn.Module] = []
+        self.sizes = [(height, width)]  # spatial size before each layer, used by the mirrored decoder
+        in_ch = channels
+        for i in range(n_layers):
+            out_ch = depth * 2**i
+            layers += [nn.Conv2d(in_ch, out_ch, kernel, stride, padding), nn.ELU()]
+            height = (height + 2 * padding - kernel) // stride + 1
+            width = (width + 2 * padding - kernel) // stride + 1
+            self.sizes.append((height, width))
+            in_ch = out_ch
+        self.net = nn.Sequential(*layers)
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.out_shape = (in_ch, height, width)
+        self.output_dim = int(np.prod(self.out_shape))
+
+    def forward(self, image: th.Tensor) -> th.Tensor:
+        batch = image.shape[:-3]
+        out = self.net(image.reshape(-1, *image.shape[-3:]))  # [prod(batch), C', H', W']
+        return out.reshape(*batch, self.output_dim)
+
+
+class ConvDecoder(nn.Module):
+    """Transposed CNN mirroring a :class:`ConvEncoder`: features ``[*, F]`` to an image ``[*, C, H, W]``."""
+
+    def __init__(self, feature_dim: int, encoder: ConvEncoder, channels: int) -> None:
+        super().__init__()
+        self.in_shape = encoder.out_shape
+        self.linear = nn.Linear(feature_dim, encoder.output_dim)
+        layers: list[nn.Module] = []
+        sizes = encoder.sizes
+        n_layers = len(sizes) - 1
+        in_ch = encoder.out_shape[0]
+        for i in reversed(range(n_layers)):
+            out_ch = channels if i == 0 else encoder.net[2 * (i - 1)].out_channels
+            (h_out, w_out), (h_in, w_in) = sizes[i], sizes[i + 1]
+            k, s, p = encoder.kernel, encoder.stride, encoder.padding
+            pad_h = h_out - ((h_in - 1) * s - 2 * p + k)
+            pad_w = w_out - ((w_in - 1) * s - 2 * p + k)
+            layers.append(nn.ConvTranspose2d(in_ch, out_ch, k, s, p, output_padding=(pad_h, pad_w)))
+            if i > 0:
+                layers.append(nn.ELU())
+            in_ch = out_ch
+        if n_layers == 0:
+            layers.append(nn.Conv2d(in_ch, channels, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: th.Tensor) -> th.Tensor:
+        batch = features.shape[:-1]
+        x = F.elu(self.linear(features)).reshape(-1, *self.in_shape)  # [prod(batch), C', H', W']
+        out = self.net(x)
+        return out.reshape(*batch, *out.shape[1:])
+
+
+def observation_spaces(observation_space: spaces.Space) -> dict[str, spaces.Space]:
+    """The observation keys and their spaces (a non-Dict space is the single key ``"obs"``)."""
+    if isinstance(observation_space, spaces.Dict):
+        for key, sub in observation_space.spaces.items():
+            if isinstance(sub, (spaces.Dict, spaces.Tuple)):
+                raise ValueError(f"Nested observation spaces are not supported (key {key!r}); flatten the Dict first.")
+        return dict(observation_space.spaces)
+    if isinstance(observation_space, (spaces.Tuple, spaces.Graph, spaces.Sequence, spaces.Text)):
+        raise ValueError(f"Unsupported observation space {observation_space}.")
+    return {"obs": observation_space}
+
+
+def as_dict(obs: ObsTensor) -> TensorDict:
+    return obs if isinstance(obs, dict) else {"obs": obs}
+
+
+class MultiEncoder(nn.Module):
+    """One encoder per observation key (CNN for images, MLP for the rest), embeddings concatenated.
+
+    :param observation_space: the (possibly Dict) observation space
+    :param cnn_depth: first-layer channels of the CNNs
+    :param mlp_layers: hidden layers of the vector encoder
+    :param mlp_units: units per hidden layer of the vector encoder
+    :param use_cnn: encode images with a CNN (False flattens them into the MLP, as SB3's ``MlpPolicy`` does)
+    """
+
+    def __init__(
+        self, observation_space: spaces.Space, cnn_depth: int, mlp_layers: int, mlp_units: int, use_cnn: bool = True
+    ) -> None:
+        super().__init__()
+        self.codecs = {key: ObservationCodec(space) for key, space in observation_spaces(observation_space).items()}
+        self.cnn_keys = [k for k, c in self.codecs.items() if c.is_image and use_cnn]
+        self.mlp_keys = [k for k in self.codecs if k not in self.cnn_keys]
+        self.cnns = nn.ModuleDict({k: ConvEncoder(self.codecs[k].shape, cnn_depth) for k in self.cnn_keys})
+        self.vector_dim = sum(int(np.prod(self.codecs[k].shape)) for k in self.mlp_keys)
+        self.mlp = mlp(self.vector_dim, mlp_units, mlp_layers - 1, mlp_units) if self.mlp_keys else None
+        self.output_dim = sum(cnn.output_dim for cnn in self.cnns.values()) + (mlp_units if self.mlp_keys else 0)
+
+    def preprocess(self, obs: ObsTensor) -> TensorDict:
+        """Raw observations ``[*batch, *space]`` to float network inputs (also the reconstruction targets)."""
+        return {key: codec(value) for (key, value), codec in zip(as_dict(obs).items(), self.codecs.values())}
+
+    def forward(self, inputs: TensorDict) -> th.Tensor:
+        """Preprocessed observations to embeddings ``e_t``: ``[*batch, output_dim]``."""
+        parts = [self.cnns[k](inputs[k]) for k in self.cnn_keys]
+        if self.mlp is not None:
+            vectors = th.cat([inputs[k].flatten(start_dim=inputs[k].dim() - len(self.codecs[k].shape))
+                              for k in self.mlp_keys], dim=-1)  # [*batch, vector_dim]
+            parts.append(F.elu(self.mlp(vectors)))
+        return th.cat(parts, dim=-1)
+
+
+class MultiDecoder(nn.Module):
+    """Predicts every observation key from model features; the mirror of :class:`MultiEncoder`.
+
+    :param feature_dim: size of the model features fed to the decoder
+    :param encoder: the encoder to mirror
+    :param mlp_layers: hidden layers of the vector decoder
+    :param mlp_units: units per hidden layer of the vector decoder
+    """
+
+    def __init__(self, feature_dim: int, encoder: MultiEncoder, mlp_layers: int, mlp_units: int) -> None:
+        super().__init__()
+        self.codecs = encoder.codecs
+        self.cnn_keys, self.mlp_keys = encoder.cnn_keys, encoder.mlp_keys
+        self.cnns = nn.ModuleDict(
+            {k: ConvDecoder(feature_dim, encoder.cnns[k], self.codecs[k].shape[0]) for k in self.cnn_keys}  # type: ignore[arg-type]
+        )
+        self.vector_sizes = [int(np.prod(self.codecs[k].shape)) for k in self.mlp_keys]
+        self.mlp = mlp(feature_dim, sum(self.vector_sizes), mlp_layers, mlp_units) if self.mlp_keys else None
+
+    def forward(self, features: th.Tensor) -> TensorDict:
+        """Features ``[*batch, F]`` to predicted (preprocessed) observations per key."""
+        out = {k: self.cnns[k](features) for k in self.cnn_keys}
+        if self.mlp is not None:
+            flat = self.mlp(features)  # [*batch, sum(vector_sizes)]
+            for key, chunk in zip(self.mlp_keys, flat.split(self.vector_sizes, dim=-1)):
+                out[key] = chunk.reshape(*features.shape[:-1], *self.codecs[key].shape)
+        return out

@@ -1,0 +1,346 @@
+"""DreamerV2 (Hafner et al., "Mastering Atari with Discrete World Models", ICLR 2021) as an SB3 off-policy algorithm.
+
+The algorithm orchestrates; the policy owns the networks and optimizers. Per environment step, collection filters the
+observation through the RSSM (per-env state (h, z, previous action), reset at episode starts) and samples from the
+actor. Per gradient step (:meth:`DreamerV2.train`): sample B sequences of T steps, update the world model, imagine H
+steps from all B·T posterior states, update the actor and the critic, and hard-copy the critic into the slow critic
+every ``target_update_interval`` gradient steps.
+
+SB3 knobs in Dreamer's terms: ``learning_starts`` = prefill steps with uniform random actions, ``train_freq`` = train
+every that many ``env.step`` calls, ``gradient_steps`` = updates per train call, ``batch_size`` = sequences per batch.
+The replay ratio (replayed sequence steps per env step) is
+``batch_size * sequence_length * gradient_steps / (train_freq * n_envs)``.
+"""
+
+from collections import defaultdict
+from typing import Any, ClassVar, TypeVar, Union
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import FloatSchedule, LinearSchedule, update_learning_rate
+from torch.nn.utils import clip_grad_norm_
+
+from sb3_dreamer.common.buffers import SequenceReplayBuffer
+from sb3_dreamer.common.rssm import flatten_states
+from sb3_dreamer.common.type_aliases import RSSMState
+from sb3_dreamer.common.world_model import REWARD_TRANSFORMS
+from sb3_dreamer.dreamerv2.policies import CnnPolicy, DreamerV2Policy, MlpPolicy, MultiInputPolicy
+
+SelfDreamerV2 = TypeVar("SelfDreamerV2", bound="DreamerV2")
+ScheduleLike = Union[float, str, Schedule]
+
+
+def as_schedule(value: ScheduleLike) -> Schedule:
+    """A float, a callable of progress_remaining, or ``"linear(start, end)"`` (over the whole of training)."""
+    if isinstance(value, str):
+        text = value.replace(" ", "")
+        if not (text.startswith("linear(") and text.endswith(")")):
+            raise ValueError(f"Unknown schedule {value!r}: use a number or 'linear(start, end)'.")
+        start, end = (float(x) for x in text[len("linear(") : -1].split(","))
+        return LinearSchedule(start, end, end_fraction=1.0)
+    return FloatSchedule(value)
+
+
+class DreamerV2(OffPolicyAlgorithm):
+    """DreamerV2: a world model with discrete latents and an actor-critic trained in its imagination.
+
+    :param policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a :class:`DreamerV2Policy` subclass
+    :param env: the environment (a gymnasium env, a VecEnv, or a registered id)
+    :param learning_rate: world-model learning rate (float or schedule of progress_remaining)
+    :param actor_lr: actor learning rate (float, schedule or ``"linear(a, b)"``)
+    :param critic_lr: critic learning rate
+    :param buffer_size: replay capacity in steps (shared between env columns)
+    :param learning_starts: prefill steps with uniform random actions before training
+    :param batch_size: sequences per batch (B)
+    :param sequence_length: steps per sequence (T)
+    :param train_freq: train every that many ``env.step`` calls
+    :param gradient_steps: gradient steps per train call
+    :param gamma: discount γ
+    :param return_lambda: λ of the λ-returns
+    :param imagination_horizon: H, imagined steps per start state
+    :param kl_scale: β, scale of the KL term
+    :param kl_balance: α, share of the KL gradient that trains the prior (0.5 disables balancing)
+    :param free_nats: KL terms below this (batch mean) carry no gradient
+    :param reconstruction_scale: scale of the observation reconstruction loss
+    :param reward_scale: scale of the reward loss
+    :param discount_scale: scale of the discount loss
+    :param reward_transform: transform of the reward-head target: ``"identity"``, ``"tanh"`` (Atari) or ``"sign"``
+    :param predict_discount: learn a discount head (False: constant γ in imagination)
+    :param actor_grad: ``"auto"`` (Reinforce for discrete, dynamics for continuous), ``"reinforce"``, ``"dynamics"``,
+        ``"both"``
+    :param actor_grad_mix: with ``"both"``, the weight of the dynamics gradient (1 - ρ); float or schedule
+    :param actor_entropy_coef: η, the entropy regularizer (float, schedule or ``"linear(a, b)"``)
+    :param target_update_interval: gradient steps between hard copies of the critic into the slow critic
+    :param max_grad_norm: gradient clipping (global norm per optimizer)
+    :param weight_decay: decoupled weight decay per gradient step (parameters scaled by 1 - weight_decay)
+    :param stop_image_grad: reconstruction gradients do not reach the representation (ablation)
+    :param stop_reward_grad: reward gradients do not reach the representation (ablation)
+    :param replay_buffer_class: replay buffer class (default :class:`SequenceReplayBuffer`)
+    :param replay_buffer_kwargs: its keyword arguments
+    :param policy_kwargs: policy arguments, e.g. ``dict(preset="atari")``, see :class:`DreamerV2Policy`
+    :param stats_window_size: episodes averaged for the rollout logs
+    :param tensorboard_log: TensorBoard log folder
+    :param verbose: 0 quiet, 1 info, 2 debug
+    :param seed: random seed
+    :param device: ``"cpu"``, ``"cuda"`` or ``"auto"``
+    :param _init_setup_model: build the networks at construction
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: DreamerV2Policy
+    replay_buffer: SequenceReplayBuffer
+
+    def __init__(
+        self,
+        policy: Union[str, type[DreamerV2Policy]],
+        env: Union[GymEnv, str, None],
+        learning_rate: Union[float, Schedule] = 3e-4,
+        actor_lr: ScheduleLike = 1e-4,
+        critic_lr: ScheduleLike = 3e-4,
+        buffer_size: int = 1_000_000,
+        learning_starts: int = 1000,
+        batch_size: int = 16,
+        sequence_length: int = 50,
+        train_freq: Union[int, tuple[int, str]] = 5,
+        gradient_steps: int = 1,
+        gamma: float = 0.99,
+        return_lambda: float = 0.95,
+        imagination_horizon: int = 15,
+        kl_scale: float = 1.0,
+        kl_balance: float = 0.8,
+        free_nats: float = 0.0,
+        reconstruction_scale: float = 1.0,
+        reward_scale: float = 1.0,
+        discount_scale: float = 1.0,
+        reward_transform: str = "identity",
+        predict_discount: bool = True,
+        actor_grad: str = "auto",
+        actor_grad_mix: ScheduleLike = 0.1,
+        actor_entropy_coef: ScheduleLike = 1e-3,
+        target_update_interval: int = 100,
+        max_grad_norm: float = 100.0,
+        weight_decay: float = 1e-6,
+        stop_image_grad: bool = False,
+        stop_reward_grad: bool = False,
+        replay_buffer_class: type[ReplayBuffer] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: Union[th.device, str] = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        super().__init__(
+            policy,
+            env,
+            learning_rate,
+            buffer_size=buffer_size,
+            learning_starts=learning_starts,
+            batch_size=batch_size,
+            gamma=gamma,
+            train_freq=train_freq,
+            gradient_steps=gradient_steps,
+            replay_buffer_class=replay_buffer_class,
+            replay_buffer_kwargs=replay_buffer_kwargs,
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            sde_support=False,
+            support_multi_env=True,
+            supported_action_spaces=None,  # checked with a ValueError by the policy's ActionCodec
+        )
+        self.actor_lr, self.critic_lr = actor_lr, critic_lr
+        self.sequence_length, self.return_lambda, self.imagination_horizon = sequence_length, return_lambda, imagination_horizon
+        self.kl_scale, self.kl_balance, self.free_nats = kl_scale, kl_balance, free_nats
+        self.reconstruction_scale, self.reward_scale, self.discount_scale = reconstruction_scale, reward_scale, discount_scale
+        self.reward_transform, self.predict_discount = reward_transform, predict_discount
+        self.actor_grad, self.actor_grad_mix, self.actor_entropy_coef = actor_grad, actor_grad_mix, actor_entropy_coef
+        self.target_update_interval, self.max_grad_norm, self.weight_decay = target_update_interval, max_grad_norm, weight_decay
+        self.stop_image_grad, self.stop_reward_grad = stop_image_grad, stop_reward_grad
+        self._last_state: tuple[RSSMState, th.Tensor] | None = None
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        self._check_options()
+        if self.replay_buffer_class is None:
+            self.replay_buffer_class = SequenceReplayBuffer
+        self.replay_buffer_kwargs = {**(self.replay_buffer_kwargs or {}), "sequence_length": self.sequence_length}
+        if self.seed is not None:
+            self.replay_buffer_kwargs.setdefault("seed", self.seed)
+        super()._setup_model()
+        self._actor_lr_schedule = as_schedule(self.actor_lr)
+        self._critic_lr_schedule = as_schedule(self.critic_lr)
+        self._entropy_schedule = as_schedule(self.actor_entropy_coef)
+        self._mix_schedule = as_schedule(self.actor_grad_mix)
+        self._last_state = None
+
+    def _check_options(self) -> None:
+        if self.reward_transform not in REWARD_TRANSFORMS:
+            raise ValueError(f"reward_transform must be one of {sorted(REWARD_TRANSFORMS)}, got {self.reward_transform!r}")
+        if self.actor_grad not in ("auto", "reinforce", "dynamics", "both"):
+            raise ValueError(f"actor_grad must be 'auto', 'reinforce', 'dynamics' or 'both', got {self.actor_grad!r}")
+        if not 0.0 <= self.kl_balance <= 1.0:
+            raise ValueError(f"kl_balance must lie in [0, 1], got {self.kl_balance}")
+        if self.sequence_length < 2 or self.imagination_horizon < 2:
+            raise ValueError("sequence_length and imagination_horizon must be at least 2.")
+        if self.optimize_memory_usage:
+            raise ValueError("optimize_memory_usage is not needed: the sequence buffer stores each observation once.")
+
+    def reinforce_mix(self) -> float:
+        """ρ, the weight of the Reinforce gradient in the actor loss (at the current progress)."""
+        grad = self.actor_grad
+        if grad == "auto":
+            grad = "reinforce" if self.policy.action_codec.discrete else "dynamics"
+        if grad == "both":
+            return 1.0 - self._mix_schedule(self._current_progress_remaining)
+        return 1.0 if grad == "reinforce" else 0.0
+
+    def _sample_action(
+        self, learning_starts: int, action_noise: Any = None, n_envs: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Uniform random actions while prefilling; afterwards filter each env's observation and sample the actor."""
+        codec = self.policy.action_codec
+        if self.num_timesteps < learning_starts:
+            self._last_state = None
+            env_actions = np.array([self.action_space.sample() for _ in range(n_envs)])
+            return env_actions, codec.env_to_buffer(env_actions)
+        obs, _ = self.policy.obs_to_tensor(self._last_obs)  # type: ignore[arg-type]
+        if self._last_state is None:  # first policy step: every env starts from the zero state
+            state, prev_action = self.policy.initial_state(n_envs)
+            starts = th.ones(n_envs, dtype=th.bool, device=self.device)
+        else:
+            state, prev_action = self._last_state
+            starts = th.as_tensor(self._last_episode_starts, device=self.device).bool()
+        self.policy.set_training_mode(False)
+        with th.no_grad():
+            action, post = self.policy.step(obs, state, prev_action, starts, deterministic=False)
+        self._last_state = (post, action)
+        buffer_actions = codec.model_to_buffer(action)
+        return codec.buffer_to_env(buffer_actions), buffer_actions
+
+    def _store_transition(self, replay_buffer: ReplayBuffer, buffer_action: np.ndarray, new_obs: Any, reward: np.ndarray,
+                          dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
+        self._last_episode_starts = dones  # the next observation starts a new episode where done
+
+    def train(self, gradient_steps: int, batch_size: int) -> None:
+        if not self.replay_buffer.can_sample():
+            return
+        self.policy.set_training_mode(True)
+        progress = self._current_progress_remaining
+        learning_rates = {
+            "learning_rate": (self.policy.model_optimizer, self.lr_schedule(progress)),
+            "actor_lr": (self.policy.actor_optimizer, self._actor_lr_schedule(progress)),
+            "critic_lr": (self.policy.critic_optimizer, self._critic_lr_schedule(progress)),
+        }
+        for name, (optimizer, lr) in learning_rates.items():
+            update_learning_rate(optimizer, lr)
+            self.logger.record(f"train/{name}", lr)
+        entropy_coef, reinforce_mix = self._entropy_schedule(progress), self.reinforce_mix()
+        self.logger.record("train/actor_entropy_coef", entropy_coef)
+        self.logger.record("train/reinforce_mix", reinforce_mix)
+
+        metrics: dict[str, list[th.Tensor]] = defaultdict(list)
+        for _ in range(gradient_steps):
+            for key, value in self._gradient_step(batch_size, entropy_coef, reinforce_mix).items():
+                metrics[key].append(value)
+        for key, values in metrics.items():
+            self.logger.record(f"train/{key}", th.stack(values).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _gradient_step(self, batch_size: int, entropy_coef: float, reinforce_mix: float) -> dict[str, th.Tensor]:
+        """One world-model update followed by one actor and one critic update in imagination."""
+        policy = self.policy
+        if self._n_updates % self.target_update_interval == 0:
+            policy.actor_critic.update_slow_critic()
+        batch = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # [B, T, ...]
+
+        model_loss, post, metrics = policy.world_model.loss(
+            batch, self.gamma, self.kl_scale, self.kl_balance, self.free_nats, self.reward_scale, self.discount_scale,
+            self.reconstruction_scale, self.reward_transform, self.predict_discount, self.stop_image_grad,
+            self.stop_reward_grad,
+        )
+        metrics["model_grad_norm"] = self._optimize("model", model_loss, policy.model_optimizer)
+
+        start = flatten_states(RSSMState(*(x.detach() for x in post)))  # [B * T, ...]
+        policy.world_model.requires_grad_(False)  # frozen while the actor backpropagates through the dynamics
+        try:
+            behaviour = policy.actor_critic.loss(
+                policy.world_model, start, batch.is_terminal.reshape(-1), self.imagination_horizon, self.gamma,
+                self.return_lambda, reinforce_mix, entropy_coef, self.predict_discount,
+            )
+        finally:
+            policy.world_model.requires_grad_(True)
+        metrics.update(behaviour.metrics)
+        metrics["actor_grad_norm"] = self._optimize("actor", behaviour.actor_loss, policy.actor_optimizer)
+        metrics["critic_grad_norm"] = self._optimize("critic", behaviour.critic_loss, policy.critic_optimizer)
+        self._n_updates += 1
+        return metrics
+
+    def _optimize(self, name: str, loss: th.Tensor, optimizer: th.optim.Optimizer) -> th.Tensor:
+        """Backward, clip, check for divergence (before any parameter changes), step, decoupled weight decay."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_grad_norm_(params, self.max_grad_norm)
+        if not th.isfinite(grad_norm):
+            what = "loss" if not th.isfinite(loss) else "gradient norm"
+            raise ValueError(
+                f"DreamerV2 diverged: non-finite {name} {what} (loss={loss.item()}, grad_norm={grad_norm.item()}) at "
+                f"update {self._n_updates}; no parameter was changed. Lower the learning rates or check the inputs."
+            )
+        optimizer.step()
+        if self.weight_decay > 0:
+            with th.no_grad():
+                th._foreach_mul_(params, 1.0 - self.weight_decay)
+        return grad_norm.detach()
+
+    def learn(
+        self: SelfDreamerV2,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 4,
+        tb_log_name: str = "DreamerV2",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfDreamerV2:
+        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+
+    def _setup_learn(self, total_timesteps: int, callback: MaybeCallback = None, reset_num_timesteps: bool = True,
+                     tb_log_name: str = "run", progress_bar: bool = False) -> tuple[int, Any]:
+        if reset_num_timesteps or self._last_obs is None:
+            self._last_state = None  # the env is reset: collection starts from the zero state
+        return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        super().set_env(env, force_reset)
+        if force_reset:
+            self._last_state = None
+
+    def _excluded_save_params(self) -> list[str]:
+        return [
+            *super()._excluded_save_params(),
+            "_last_state",
+            "_actor_lr_schedule",
+            "_critic_lr_schedule",
+            "_entropy_schedule",
+            "_mix_schedule",
+        ]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        return ["policy", "policy.model_optimizer", "policy.actor_optimizer", "policy.critic_optimizer"], []
+
