@@ -76,7 +76,9 @@ class RSSM(nn.Module):
         self.img_in = nn.Sequential(nn.Linear(self.stoch_dim + action_dim, hidden_size), nn.ELU())
         self.cell = LayerNormGRUCell(hidden_size, deter_size, layer_norm)
         self.img_out = nn.Sequential(nn.Linear(deter_size, hidden_size), nn.ELU(), nn.Linear(hidden_size, stats_dim))
-        self.obs_out = nn.Sequential(nn.Linear(deter_size + embed_dim, hidden_size), nn.ELU(), nn.Linear(hidden_size, stats_dim))
+        self.obs_out = nn.Sequential(
+            nn.Linear(deter_size + embed_dim, hidden_size), nn.ELU(), nn.Linear(hidden_size, stats_dim)
+        )
 
     def initial(self, batch_size: int, device: th.device) -> RSSMState:
         """The zero state s_0 for ``batch_size`` sequences."""

@@ -163,12 +163,14 @@ class DreamerV2(OffPolicyAlgorithm):
             supported_action_spaces=None,  # checked with a ValueError by the policy's ActionCodec
         )
         self.actor_lr, self.critic_lr = actor_lr, critic_lr
-        self.sequence_length, self.return_lambda, self.imagination_horizon = sequence_length, return_lambda, imagination_horizon
+        self.sequence_length, self.return_lambda = sequence_length, return_lambda
+        self.imagination_horizon = imagination_horizon
         self.kl_scale, self.kl_balance, self.free_nats = kl_scale, kl_balance, free_nats
         self.reconstruction_scale, self.reward_scale, self.discount_scale = reconstruction_scale, reward_scale, discount_scale
         self.reward_transform, self.predict_discount = reward_transform, predict_discount
         self.actor_grad, self.actor_grad_mix, self.actor_entropy_coef = actor_grad, actor_grad_mix, actor_entropy_coef
-        self.target_update_interval, self.max_grad_norm, self.weight_decay = target_update_interval, max_grad_norm, weight_decay
+        self.target_update_interval = target_update_interval
+        self.max_grad_norm, self.weight_decay = max_grad_norm, weight_decay
         self.stop_image_grad, self.stop_reward_grad = stop_image_grad, stop_reward_grad
         self._last_state: tuple[RSSMState, th.Tensor] | None = None
         if _init_setup_model:
