@@ -1,0 +1,186 @@
+"""RSSM, networks and action distributions: shapes, resets, and exact behaviour."""
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+
+from sb3_dreamer.common.distributions import ActionCodec, TruncatedNormalActions
+from sb3_dreamer.common.networks import ConvEncoder, MultiDecoder, MultiEncoder
+from sb3_dreamer.common.rssm import RSSM, LayerNormGRUCell
+
+
+def make_rssm(classes: int = 4) -> RSSM:
+    th.manual_seed(0)
+    return RSSM(action_dim=3, embed_dim=5, deter_size=8, hidden_size=8, stoch_size=2, classes=classes)
+
+
+class TestRSSM:
+    def test_is_first_resets_previous_state_and_action(self):
+        rssm = make_rssm()
+        embed = th.randn(2, 5)
+        zero_state = rssm.initial(2, th.device("cpu"))
+        busy_state = zero_state._replace(deter=th.randn(2, 8), stoch=th.rand(2, 8))
+        action = th.randn(2, 3)
+        first = th.ones(2, dtype=th.bool)
+
+        th.manual_seed(1)
+        reset, _ = rssm.obs_step(busy_state, action, embed, first)
+        th.manual_seed(1)
+        fresh, _ = rssm.obs_step(zero_state, th.zeros(2, 3), embed, first)
+        th.testing.assert_close(reset.deter, fresh.deter)
+        th.testing.assert_close(reset.stats, fresh.stats)
+        th.testing.assert_close(reset.stoch, fresh.stoch)
+
+        th.manual_seed(1)
+        continued, _ = rssm.obs_step(busy_state, action, embed, ~first)
+        assert not th.allclose(continued.deter, fresh.deter)
+
+    def test_reset_applies_per_row(self):
+        rssm = make_rssm()
+        state = rssm.initial(2, th.device("cpu"))._replace(deter=th.randn(2, 8), stoch=th.rand(2, 8))
+        embed, action = th.randn(2, 5), th.randn(2, 3)
+        post, _ = rssm.obs_step(state, action, embed, th.tensor([True, False]), sample=False)
+        row0, _ = rssm.obs_step(rssm.initial(1, th.device("cpu")), th.zeros(1, 3), embed[:1], th.tensor([True]), False)
+        row1, _ = rssm.obs_step(state._replace(deter=state.deter[1:], stoch=state.stoch[1:]), action[1:], embed[1:],
+                                th.tensor([False]), False)
+        th.testing.assert_close(post.deter, th.cat([row0.deter, row1.deter]))
+
+    def test_observe_matches_stepping_and_resets_inside_the_sequence(self):
+        rssm = make_rssm()
+        embed, actions = th.randn(3, 6, 5), th.randn(3, 6, 3)
+        is_first = th.zeros(3, 6, dtype=th.bool)
+        is_first[:, 0] = True
+        is_first[1, 3] = True
+        post, prior = rssm.observe(embed, actions, is_first)
+        assert post.deter.shape == (3, 6, 8) and post.stoch.shape == (3, 6, 8) and post.stats.shape == (3, 6, 2, 4)
+        assert prior.stats.shape == (3, 6, 2, 4)
+        # the posterior and prior share h_t
+        th.testing.assert_close(post.deter, prior.deter)
+        # a reset at t=3 makes h_3 independent of what came before it
+        other = embed.clone()
+        other[1, :3] = th.randn(3, 5)
+        post_other, _ = rssm.observe(other, actions, is_first)
+        assert not th.allclose(post_other.deter[1, 2], post.deter[1, 2])
+        th.testing.assert_close(post_other.deter[1, 3], post.deter[1, 3])
+
+    def test_categorical_samples_are_one_hot_per_variable(self):
+        rssm = make_rssm()
+        state, _ = rssm.obs_step(rssm.initial(4, th.device("cpu")), th.zeros(4, 3), th.randn(4, 5),
+                                 th.ones(4, dtype=th.bool))
+        per_variable = state.stoch.reshape(4, 2, 4)
+        assert th.all(per_variable.sum(-1) == 1.0)
+
+    def test_gaussian_latents(self):
+        rssm = make_rssm(classes=0)
+        post, prior = rssm.observe(th.randn(2, 4, 5), th.randn(2, 4, 3), th.ones(2, 4, dtype=th.bool))
+        assert post.stoch.shape == (2, 4, 2) and post.stats.shape == (2, 4, 4)
+        std = post.stats[..., 2:]
+        assert th.all(std >= 0.1)
+        kl = rssm.kl(post.stats, prior.stats)
+        assert kl.shape == (2, 4) and th.all(kl >= 0)
+
+    def test_kl_of_identical_distributions_is_zero(self):
+        rssm = make_rssm()
+        stats = th.randn(7, 2, 4)
+        assert th.allclose(rssm.kl(stats, stats), th.zeros(7), atol=1e-6)
+        assert rssm.entropy(th.zeros(1, 2, 4)).item() == pytest.approx(2 * np.log(4))
+
+
+class TestLayerNormGRU:
+    def test_update_gate_bias_and_layer_norm(self):
+        cell = LayerNormGRUCell(3, 4)
+        assert isinstance(cell.norm, th.nn.LayerNorm) and cell.linear.bias is None
+        with th.no_grad():
+            cell.linear.weight.zero_()
+        h = th.randn(2, 4)
+        # all pre-activations zero: reset = 0.5, candidate = tanh(0) = 0, update = sigmoid(-1)
+        out = cell(th.randn(2, 3), h)
+        th.testing.assert_close(out, (1 - th.sigmoid(th.tensor(-1.0))) * h)
+        assert isinstance(LayerNormGRUCell(3, 4, layer_norm=False).norm, th.nn.Identity)
+
+
+class TestNetworks:
+    @pytest.mark.parametrize("shape", [(1, 64, 64), (3, 84, 84), (4, 10, 10), (2, 17, 23), (3, 32, 32)])
+    def test_decoder_mirrors_encoder_exactly(self, shape):
+        space = spaces.Box(0, 255, shape, np.uint8)
+        encoder = MultiEncoder(space, cnn_depth=4, mlp_layers=1, mlp_units=8)
+        decoder = MultiDecoder(12, encoder, mlp_layers=1, mlp_units=8)
+        obs = th.randint(0, 255, (2, 3, *shape), dtype=th.uint8)  # [B, T, C, H, W]
+        inputs = encoder.preprocess(obs)
+        assert inputs["obs"].min() >= -0.5 and inputs["obs"].max() <= 0.5
+        assert encoder(inputs).shape == (2, 3, encoder.output_dim)
+        assert decoder(th.randn(2, 3, 12))["obs"].shape == (2, 3, *shape)
+
+    def test_paper_atari_encoder_layout(self):
+        encoder = ConvEncoder((1, 64, 64), depth=48)
+        assert [m.out_channels for m in encoder.net if isinstance(m, th.nn.Conv2d)] == [48, 96, 192, 384]
+        assert encoder.out_shape == (384, 2, 2)
+
+    def test_channel_last_bool_grid_is_moved_to_channel_first(self):
+        space = spaces.Box(0, 1, (10, 10, 4), bool)
+        encoder = MultiEncoder(space, cnn_depth=4, mlp_layers=1, mlp_units=8)
+        obs = th.zeros(1, 10, 10, 4, dtype=th.bool)
+        obs[0, 2, 3, 1] = True
+        grid = encoder.preprocess(obs)["obs"]
+        assert grid.shape == (1, 4, 10, 10)
+        assert grid[0, 1, 2, 3] == 0.5 and grid[0, 0, 2, 3] == -0.5
+
+    def test_dict_observations_mix_cnn_and_mlp(self):
+        space = spaces.Dict({"image": spaces.Box(0, 255, (3, 16, 16), np.uint8), "vec": spaces.Box(-1, 1, (5,))})
+        encoder = MultiEncoder(space, cnn_depth=4, mlp_layers=2, mlp_units=8)
+        assert encoder.cnn_keys == ["image"] and encoder.mlp_keys == ["vec"]
+        decoder = MultiDecoder(10, encoder, mlp_layers=1, mlp_units=8)
+        out = decoder(th.randn(4, 10))
+        assert out["image"].shape == (4, 3, 16, 16) and out["vec"].shape == (4, 5)
+
+    @pytest.mark.parametrize("space", [spaces.Box(0, 1, (2, 3, 4, 5)), spaces.Box(0, 255, (2, 2, 3), np.uint8)])
+    def test_unsupported_observation_shapes_raise(self, space):
+        with pytest.raises(ValueError):
+            MultiEncoder(space, cnn_depth=4, mlp_layers=1, mlp_units=8)
+
+
+class TestActionCodec:
+    def test_discrete_round_trip(self):
+        codec = ActionCodec(spaces.Discrete(4))
+        model = codec.buffer_to_model(th.tensor([[2.0], [0.0]]))
+        assert model.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0]]
+        assert codec.model_to_buffer(model).tolist() == [[2], [0]]
+        assert codec.buffer_to_env(np.array([[2], [0]])).tolist() == [2, 0]
+
+    def test_multidiscrete_round_trip(self):
+        codec = ActionCodec(spaces.MultiDiscrete([2, 3]))
+        model = codec.buffer_to_model(th.tensor([[1.0, 2.0]]))
+        assert model.tolist() == [[0, 1, 0, 0, 1]]
+        assert codec.model_to_buffer(model).tolist() == [[1, 2]]
+        dist = codec.distribution(th.zeros(1, 5))
+        assert dist.entropy().item() == pytest.approx(np.log(2) + np.log(3))
+
+    def test_box_scaling(self):
+        codec = ActionCodec(spaces.Box(np.array([0.0, -2.0]), np.array([1.0, 2.0])))
+        assert codec.buffer_to_env(np.array([[-1.0, 0.5]])).tolist() == [[0.0, 1.0]]
+        assert codec.env_to_buffer(np.array([[1.0, -2.0]])).tolist() == [[1.0, -1.0]]
+
+    @pytest.mark.parametrize("space", [spaces.MultiBinary(3), spaces.Box(-np.inf, np.inf, (2,)), spaces.Box(-1, 1, (2, 2))])
+    def test_unsupported_action_spaces_raise(self, space):
+        with pytest.raises(ValueError):
+            ActionCodec(space)
+
+
+class TestTruncatedNormal:
+    def test_samples_stay_in_bounds_and_match_log_prob(self):
+        th.manual_seed(0)
+        dist = TruncatedNormalActions(th.full((20000, 1), 0.8), th.full((20000, 1), 0.5))
+        samples = dist.rsample()
+        assert samples.min() >= -1 and samples.max() <= 1
+        # the density integrates to one over [-1, 1]
+        grid = th.linspace(-1, 1, 2001).unsqueeze(-1)
+        density = TruncatedNormalActions(th.full((2001, 1), 0.8), th.full((2001, 1), 0.5)).log_prob(grid).exp()
+        assert th.trapezoid(density, grid.squeeze(-1)).item() == pytest.approx(1.0, abs=1e-3)
+        # the entropy matches a Monte-Carlo estimate
+        assert dist.entropy()[0].item() == pytest.approx(-dist.log_prob(samples).mean().item(), abs=0.02)
+
+    def test_rsample_is_differentiable(self):
+        mean = th.zeros(3, 2, requires_grad=True)
+        TruncatedNormalActions(mean, th.ones(3, 2)).rsample().sum().backward()
+        assert mean.grad is not None and th.all(mean.grad > 0)
