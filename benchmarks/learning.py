@@ -1,0 +1,405 @@
+"""Learning benchmark: DreamerV2 beside SB3 DQN, every job one run of the zoo launcher.
+
+A job is keyed by (algo, env, seed, budget) and runs, as a subprocess,
+
+    python -m sb3_dreamer.zoo train --algo ALGO --env ENV -n BUDGET --seed SEED \\
+        --eval-freq EVAL_FREQ --eval-episodes 10 --log-folder <job dir> [--device D] [-params k:v ...]
+
+so both algorithms see the same env ids, the same wrappers as their YAML entries declare, the same seeds and the same
+evaluation protocol (the zoo's EvalCallback every ``--eval-freq`` env steps, ``--eval-episodes`` episodes,
+deterministic except on Atari, where the zoo evaluates stochastically for every algorithm). Each job writes into
+
+    benchmarks/results/learning/<algo>/<env with / -> ->/seed<k>_<budget>[_<tag>]/
+
+the zoo's log folder (``<algo>/<EnvName>_1/evaluations.npz``, ``config.yml``, the model) plus ``train.log`` and
+``job.json`` (command, start/end time, wall seconds, machine, torch version, git commit, status), written atomically
+with ``"status": "running"`` when the job starts and rewritten when it ends. Rerunning skips jobs whose ``job.json``
+says ``"status": "ok"``; a job that failed or was interrupted is started again from scratch (its partial zoo output is
+removed first).
+
+Usage::
+
+    python -m benchmarks.learning --suite cartpole                   # 2 algos x 3 seeds, 50k steps
+    python -m benchmarks.learning --suite minatar --algos dqn --seeds 0 --envs MinAtar/Breakout-v1
+    python -m benchmarks.learning --suite cartpole --dry-run         # print the commands only
+    python -m benchmarks.learning --suite cartpole --algos dreamerv2 --budget 5000 --eval-freq 500 \\
+        --algo-params dreamerv2 learning_starts:500 --tag quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, atomic_write_json, env_slug, fmt_steps, loadavg, machine_info
+
+LEARNING_DIR = RESULTS_DIR / "learning"
+MINATAR_GAMES = ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")
+# MinAtar envs have no time limit: without one a good agent can make an evaluation episode last forever.
+MINATAR_TIME_LIMIT = "env_wrapper:[{'gymnasium.wrappers.TimeLimit': dict(max_episode_steps=10_000)}]"
+# DreamerV2's Atari protocol (the `atari` entry of sb3_dreamer/hyperparams/dreamerv2.yml), given to DQN as well.
+DREAMER_ATARI_PROTOCOL = (
+    "env_wrapper:[{'sb3_dreamer.envs.DreamerAtariWrapper': dict(noop_max=30, frame_skip=4, screen_size=64, "
+    "action_repeat_probability=0.25)}]",
+    "env_kwargs:dict(frameskip=1, repeat_action_probability=0.0, max_num_frames_per_episode=108_000)",
+)
+
+
+def zoo_dqn_conf_file() -> str:
+    """rl-zoo3's own packaged ``dqn.yml`` (its tuned hyperparameters, e.g. CartPole-v1 at 50k steps)."""
+    import rl_zoo3
+
+    return str(Path(rl_zoo3.__file__).resolve().parent / "hyperparams" / "dqn.yml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A named preset: which jobs to run and how the report reads them."""
+
+    name: str
+    envs: tuple[str, ...]
+    algos: tuple[str, ...]
+    seeds: tuple[int, ...]
+    budget: int  # env steps (agent steps; Atari: frames = 4 x steps)
+    eval_freq: int  # env steps between evaluations
+    eval_episodes: int = 10
+    report_budgets: tuple[int, ...] = ()
+    threshold: float | None = None  # steps-to-threshold in the report (None: not applicable)
+    conf_files: tuple[tuple[str, str], ...] = ()  # (algo, conf file) overrides of the launcher's default file
+    common_params: tuple[str, ...] = ()  # -params for every algorithm (protocol: wrappers, time limits)
+    algo_params: tuple[tuple[str, str], ...] = ()  # (algo, "key:value") -params for one algorithm
+    scaled_params: tuple[tuple[str, str, int], ...] = ()  # (algo, key, steps): key = steps / budget (a fraction)
+    notes: str = ""
+
+    def conf_file(self, algo: str) -> str | None:
+        for name, conf in self.conf_files:
+            if name == algo:
+                return zoo_dqn_conf_file() if conf == "rl_zoo3:dqn.yml" else conf
+        return None
+
+    def params(self, algo: str, budget: int) -> list[str]:
+        """The -params of ``algo`` at ``budget`` steps (common, per-algorithm, then budget-scaled fractions)."""
+        out = list(self.common_params) + [item for name, item in self.algo_params if name == algo]
+        out += [f"{key}:{min(1.0, steps / budget):.6g}" for name, key, steps in self.scaled_params if name == algo]
+        return out
+
+
+SUITES: dict[str, Suite] = {
+    "cartpole": Suite(
+        name="cartpole",
+        envs=("CartPole-v1",),
+        algos=("dreamerv2", "dqn"),
+        seeds=(0, 1, 2),
+        budget=50_000,
+        eval_freq=2_500,
+        report_budgets=(10_000, 25_000, 50_000),
+        threshold=475.0,
+        conf_files=(("dqn", "rl_zoo3:dqn.yml"),),
+        notes="DQN with rl-zoo3's tuned CartPole-v1 hyperparameters (its packaged dqn.yml, 50k steps); DreamerV2 with "
+        "sb3_dreamer/hyperparams/dreamerv2.yml. Deterministic evaluation, 10 episodes every 2.5k steps.",
+    ),
+    "minatar": Suite(
+        name="minatar",
+        envs=tuple(f"MinAtar/{game}-v1" for game in MINATAR_GAMES),
+        algos=("dreamerv2", "dqn"),
+        seeds=(0, 1, 2),
+        budget=500_000,
+        eval_freq=25_000,
+        report_budgets=(50_000, 100_000, 250_000, 500_000),
+        common_params=(MINATAR_TIME_LIMIT,),
+        scaled_params=(("dqn", "exploration_fraction", 100_000),),
+        notes="MinAtar -v1 ids (minimal action set), sticky actions 0.1 (the minatar default), no frame skip: steps = "
+        "frames. DQN with sb3_dreamer/hyperparams/dqn.yml (Young & Tian's DQN; epsilon 1 -> 0.1 over the first 100k "
+        "steps whatever the budget), DreamerV2 with sb3_dreamer/hyperparams/dreamerv2.yml. A TimeLimit of 10k steps "
+        "on training and evaluation envs of both algorithms (MinAtar has none; Freeway ends itself at 2500). "
+        "Deterministic evaluation, 10 episodes every 25k steps.",
+    ),
+    "atari-pong": Suite(
+        name="atari-pong",
+        envs=("ALE/Pong-v5",),
+        algos=("dreamerv2", "dqn"),
+        seeds=(0, 1, 2),
+        budget=250_000,
+        eval_freq=25_000,
+        report_budgets=(100_000, 250_000, 500_000, 1_000_000),
+        algo_params=tuple(("dqn", item) for item in DREAMER_ATARI_PROTOCOL),
+        notes="ALE/Pong-v5 with DreamerV2's Atari protocol for both algorithms (sb3_dreamer.envs.DreamerAtariWrapper: "
+        "sticky actions 0.25, action repeat 4 with max-pool, up to 30 no-ops, 64x64 gray, no life-loss termination, "
+        "no reward clipping, 108k-frame episodes; minimal action set). Each agent step is 4 frames: budget 250k steps "
+        "= 1M frames (100k steps = Atari100k's 400k frames). DreamerV2 with the `atari` entry of "
+        "sb3_dreamer/hyperparams/dreamerv2.yml; DQN with rl-zoo3's `atari` hyperparameters (frame stack 4 kept; "
+        "learning_starts 100k; its exploration_fraction 0.1 applies to -n, so epsilon reaches 0.01 at 25k steps of "
+        "a 250k run) but the wrapper above instead of AtariWrapper. The zoo evaluates Atari envs stochastically for "
+        "both algorithms (DQN: epsilon-greedy at the current epsilon, 0.01 after 25k steps; DreamerV2: its sampled "
+        "actor), 10 full games every 25k steps.",
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    algo: str
+    env: str
+    seed: int
+    budget: int
+    eval_freq: int
+    eval_episodes: int
+    results_dir: Path
+    params: tuple[str, ...] = ()
+    conf_file: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    tag: str = ""
+    python: str = sys.executable
+
+    @property
+    def key(self) -> str:
+        return f"{self.algo}/{self.env}/seed{self.seed}/{fmt_steps(self.budget)}"
+
+    @property
+    def dir(self) -> Path:
+        name = f"seed{self.seed}_{fmt_steps(self.budget)}" + (f"_{self.tag}" if self.tag else "")
+        return self.results_dir / self.algo / env_slug(self.env) / name
+
+    @property
+    def job_file(self) -> Path:
+        return self.dir / "job.json"
+
+    def command(self) -> list[str]:
+        cmd = [
+            self.python, "-m", "sb3_dreamer.zoo", "train",
+            "--algo", self.algo,
+            "--env", self.env,
+            "-n", str(self.budget),
+            "--seed", str(self.seed),
+            "--eval-freq", str(self.eval_freq),
+            "--eval-episodes", str(self.eval_episodes),
+            "--log-folder", str(self.dir),
+        ]  # fmt: skip
+        if self.device:
+            cmd += ["--device", self.device]
+        if self.threads:
+            cmd += ["--num-threads", str(self.threads)]
+        if self.conf_file:
+            cmd += ["--conf-file", self.conf_file]
+        if self.params:
+            cmd += ["-params", *self.params]
+        return cmd
+
+
+def portable_command(cmd: Sequence[str]) -> str:
+    """``cmd`` with ``python`` for the interpreter and paths relative to the repository root (for the README)."""
+    out = ["python" if i == 0 else arg for i, arg in enumerate(cmd)]
+    root = str(REPO_ROOT) + "/"
+    return shlex.join(arg[len(root):] if arg.startswith(root) and "site-packages" not in arg else arg for arg in out)
+
+
+def zoo_available() -> bool:
+    """Whether the zoo launcher ``sb3_dreamer.zoo`` can be imported."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("sb3_dreamer.zoo") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def read_job(job_dir: Path) -> dict[str, Any] | None:
+    """The job.json of a job folder, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(job_dir) / "job.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_finished(job: Job) -> bool:
+    record = read_job(job.dir)
+    return record is not None and record.get("status") == "ok"
+
+
+def build_jobs(
+    suite: Suite,
+    results_dir: Path = LEARNING_DIR,
+    algos: Sequence[str] | None = None,
+    envs: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    budget: int | None = None,
+    eval_freq: int | None = None,
+    eval_episodes: int | None = None,
+    extra_params: Sequence[str] = (),
+    algo_params: dict[str, Sequence[str]] | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    tag: str = "",
+) -> list[Job]:
+    """All jobs of a suite (with overrides), ordered seed-major so that partial runs cover every (algo, env) early."""
+    algo_params = algo_params or {}
+    jobs = []
+    for seed in seeds if seeds is not None else suite.seeds:
+        for env in envs or suite.envs:
+            for algo in algos or suite.algos:
+                jobs.append(
+                    Job(
+                        algo=algo, env=env, seed=int(seed), budget=int(budget or suite.budget),
+                        eval_freq=int(eval_freq or suite.eval_freq),
+                        eval_episodes=int(eval_episodes or suite.eval_episodes), results_dir=Path(results_dir),
+                        params=(*suite.params(algo, int(budget or suite.budget)), *extra_params,
+                                *algo_params.get(algo, ())),
+                        conf_file=suite.conf_file(algo),
+                        device=device, threads=threads, tag=tag,
+                    )
+                )
+    return jobs
+
+
+def run_job(job: Job, timeout: float | None = None, echo: bool = True) -> dict[str, Any]:
+    """Run one job (its partial output from an earlier attempt is removed first); write job.json at the end."""
+    job.dir.mkdir(parents=True, exist_ok=True)
+    for stale in (job.dir / job.algo, job.job_file):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    cmd = job.command()
+    started = datetime.now(timezone.utc)
+    record: dict[str, Any] = {
+        "algo": job.algo, "env": job.env, "seed": job.seed, "budget": job.budget,
+        "budget_label": fmt_steps(job.budget), "eval_freq": job.eval_freq, "eval_episodes": job.eval_episodes,
+        "params": list(job.params), "conf_file": job.conf_file, "device": job.device, "threads": job.threads,
+        "tag": job.tag,
+        "command": shlex.join(cmd), "command_portable": portable_command(cmd), "cwd": str(REPO_ROOT),
+        "start_time": started.isoformat(timespec="seconds"),
+        "loadavg_start": loadavg(),
+    }  # fmt: skip
+    atomic_write_json(job.job_file, {**record, "status": "running", "pid": os.getpid()})
+    if echo:
+        print(f"[learning] start {job.key}: {record['command']}", flush=True)
+    t0 = time.perf_counter()
+    status, returncode = "ok", None
+    with open(job.dir / "train.log", "w") as log:
+        try:
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            returncode = proc.returncode
+            status = "ok" if returncode == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+        except KeyboardInterrupt:
+            status = "interrupted"
+    record.update(
+        end_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        wall_seconds=round(time.perf_counter() - t0, 2), status=status, returncode=returncode,
+        loadavg_end=loadavg(), machine=machine_info(),
+    )
+    if status == "ok" and not list((job.dir / job.algo).glob("*/evaluations.npz")):
+        record["warning"] = "the zoo run ended without evaluations.npz (budget below --eval-freq?)"
+    atomic_write_json(job.job_file, record)
+    if echo:
+        print(f"[learning] {status} {job.key} in {record['wall_seconds']:.0f} s (log: {job.dir / 'train.log'})", flush=True)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return record
+
+
+def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeout: float | None = None,
+             dry_run: bool = False) -> dict[str, list[Job]]:
+    """Run the jobs that are not finished yet; return them grouped as ``skipped``/``ok``/``failed``/``planned``."""
+    outcome: dict[str, list[Job]] = {"skipped": [], "ok": [], "failed": [], "planned": []}
+    todo = []
+    for job in jobs:
+        if not force and is_finished(job):
+            outcome["skipped"].append(job)
+            print(f"[learning] skip {job.key} (finished: {job.job_file})", flush=True)
+        else:
+            todo.append(job)
+    if dry_run:
+        for job in todo:
+            print(shlex.join(job.command()))
+        outcome["planned"] = todo
+        return outcome
+
+    def one(job: Job) -> tuple[Job, str]:
+        return job, run_job(job, timeout=timeout)["status"]
+
+    if parallel <= 1:
+        results = [one(job) for job in todo]
+    else:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            results = list(pool.map(one, todo))
+    for job, status in results:
+        outcome["ok" if status == "ok" else "failed"].append(job)
+    return outcome
+
+
+def parse_algo_params(groups: Sequence[Sequence[str]] | None) -> dict[str, list[str]]:
+    """``[["dreamerv2", "a:1", "b:2"], ...]`` -> ``{"dreamerv2": ["a:1", "b:2"]}``."""
+    out: dict[str, list[str]] = {}
+    for group in groups or []:
+        if len(group) < 2:
+            raise SystemExit("--algo-params needs an algo followed by key:value items")
+        out.setdefault(group[0], []).extend(group[1:])
+    return out
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="cartpole", help="named preset of jobs")
+    parser.add_argument("--algos", nargs="+", help="algorithms (default: the suite's, dreamerv2 and dqn)")
+    parser.add_argument("--envs", nargs="+", help="env ids (default: the suite's)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the suite's)")
+    parser.add_argument("--budget", type=int, help="env steps per run (default: the suite's)")
+    parser.add_argument("--eval-freq", type=int, help="env steps between evaluations (default: the suite's)")
+    parser.add_argument("--eval-episodes", type=int, help="episodes per evaluation (default: 10)")
+    parser.add_argument("--device", help="torch device passed to the zoo (default: the zoo's 'auto')")
+    parser.add_argument("--threads", type=int, help="torch threads per job (zoo --num-threads)")
+    parser.add_argument("--extra-params", nargs="+", default=[], metavar="KEY:VALUE",
+                        help="hyperparameter overrides passed as -params to every algorithm")
+    parser.add_argument("--algo-params", nargs="+", action="append", metavar="ALGO KEY:VALUE",
+                        help="overrides for one algorithm: --algo-params dreamerv2 batch_size:4 sequence_length:8")
+    parser.add_argument("--tag", default="", help="suffix of the job folders (runs with non-default settings)")
+    parser.add_argument("--results-dir", type=Path, default=LEARNING_DIR, help="root of the job folders")
+    parser.add_argument("--parallel", type=int, default=1, help="jobs run at the same time (mind the cores)")
+    parser.add_argument("--timeout", type=float, help="seconds per job before it is killed (status: timeout)")
+    parser.add_argument("--force", action="store_true", help="rerun finished jobs too")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the jobs to run, run nothing")
+    parser.add_argument("--list-suites", action="store_true", help="describe the suites and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.list_suites:
+        for suite in SUITES.values():
+            print(f"{suite.name}: envs={list(suite.envs)} algos={list(suite.algos)} seeds={list(suite.seeds)} "
+                  f"budget={fmt_steps(suite.budget)} eval_freq={fmt_steps(suite.eval_freq)}\n  {suite.notes}")
+        return 0
+    suite = SUITES[args.suite]
+    jobs = build_jobs(
+        suite, results_dir=args.results_dir, algos=args.algos, envs=args.envs, seeds=args.seeds, budget=args.budget,
+        eval_freq=args.eval_freq, eval_episodes=args.eval_episodes, extra_params=args.extra_params,
+        algo_params=parse_algo_params(args.algo_params), device=args.device, threads=args.threads, tag=args.tag,
+    )
+    if not args.dry_run and not zoo_available():
+        print("[learning] sb3_dreamer.zoo is missing: the zoo launcher is needed to run jobs", file=sys.stderr)
+        return 2
+    outcome = run_jobs(jobs, parallel=args.parallel, force=args.force, timeout=args.timeout, dry_run=args.dry_run)
+    print(f"[learning] {len(jobs)} jobs: " + ", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v), flush=True)
+    return 1 if outcome["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,529 @@
+"""Aggregate the learning benchmark into ``benchmarks/results/REPORT.md`` and PNG learning curves.
+
+Pipeline (pure functions except the first and the last step):
+
+1. :func:`find_runs` reads every job folder under ``benchmarks/results/learning/<algo>/<env>/seed<k>_<budget>[_tag]/``:
+   its ``job.json`` (absent while a job runs) and the zoo's ``<algo>/<EnvName>_<n>/evaluations.npz``.
+2. :func:`aggregate` turns runs into table rows: per (env, algo[, tag]) and fixed budget, the mean ± std over seeds of
+   the evaluation return (mean over the evaluation's episodes) of the **last evaluation at or before the budget**
+   (nothing is interpolated; a seed counts at a budget only if its run got that far), steps-to-threshold where a
+   threshold applies (first evaluation whose mean return reaches it), seeds, failed runs, mean wall-clock per run.
+3. :func:`render_markdown` writes the tables next to the published anchors of ``benchmarks/anchors.yaml``.
+4. :func:`plot_env` draws one PNG per env: mean ± std band over seeds for every algorithm.
+
+``std`` is the sample standard deviation over seeds (ddof = 1; 0 for a single seed). Failed runs are listed, never
+averaged. When one seed has several runs (different budgets), the one with the largest budget is used.
+
+Usage::
+
+    python -m benchmarks.report                      # results/learning -> results/REPORT.md + results/plots/*.png
+    python -m benchmarks.report --no-plots --out /tmp/REPORT.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, env_slug, fmt_steps, parse_steps
+from benchmarks.learning import LEARNING_DIR, SUITES
+
+ANCHORS_FILE = Path(__file__).resolve().parent / "anchors.yaml"
+JOB_DIR_RE = re.compile(r"^seed(?P<seed>\d+)_(?P<budget>[0-9.]+[kM]?)(?:_(?P<tag>.+))?$")
+ALGO_LABELS = {"dreamerv2": "DreamerV2", "dqn": "DQN", "dreamerv3": "DreamerV3"}
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+@dataclasses.dataclass
+class Run:
+    """One job: evaluation curve (env steps, mean evaluation return) and its status."""
+
+    algo: str
+    env: str
+    seed: int
+    budget: int | None  # configured env steps (None if unknown)
+    timesteps: np.ndarray  # [n_evals] int
+    returns: np.ndarray  # [n_evals] mean return over the evaluation's episodes
+    status: str = "ok"  # ok | failed | timeout | interrupted | running
+    tag: str = ""
+    wall_seconds: float | None = None
+    path: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.algo + (f" [{self.tag}]" if self.tag else "")
+
+
+@dataclasses.dataclass
+class Cell:
+    mean: float
+    std: float
+    n: int
+
+
+@dataclasses.dataclass
+class Row:
+    env: str
+    label: str
+    algo: str
+    cells: dict[int, Cell | None]  # budget -> aggregate (None: no seed reached the budget)
+    threshold: float | None
+    threshold_steps: Cell | None  # over the seeds that reached the threshold
+    threshold_reached: int
+    n_seeds: int  # runs aggregated (ok or still running)
+    n_failed: int
+    n_running: int
+    wall_seconds_mean: float | None
+    max_steps: int  # largest evaluated env step over the seeds
+
+
+def load_evaluations(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, mean return per evaluation) from an EvalCallback ``evaluations.npz``."""
+    with np.load(path) as data:
+        timesteps = np.asarray(data["timesteps"], dtype=np.int64).reshape(-1)
+        results = np.asarray(data["results"], dtype=np.float64)
+    returns = results.reshape(len(timesteps), -1).mean(axis=1) if len(timesteps) else np.zeros(0)
+    return timesteps, returns
+
+
+def _run_number(path: Path) -> int:
+    match = re.search(r"_(\d+)$", path.parent.name)
+    return int(match.group(1)) if match else -1
+
+
+def _env_from_slug(slug: str) -> str:
+    known = {env_slug(env): env for suite in SUITES.values() for env in suite.envs}
+    return known.get(slug, slug)
+
+
+def find_runs(root: Path | str = LEARNING_DIR) -> list[Run]:
+    """Every job folder under ``root`` (``<algo>/<env>/seed<k>_<budget>[_tag]``) as a :class:`Run`."""
+    runs = []
+    root = Path(root)
+    for job_dir in sorted(root.glob("*/*/seed*")):
+        match = JOB_DIR_RE.match(job_dir.name)
+        if not job_dir.is_dir() or match is None:
+            continue
+        algo = job_dir.parent.parent.name
+        record: dict[str, Any] = {}
+        if (job_dir / "job.json").exists():
+            try:
+                record = json.loads((job_dir / "job.json").read_text())
+            except ValueError:
+                record = {}
+        npzs = sorted(job_dir.glob(f"{algo}/*/evaluations.npz"), key=_run_number)
+        if npzs:
+            timesteps, returns = load_evaluations(npzs[-1])
+        else:
+            timesteps, returns = np.zeros(0, dtype=np.int64), np.zeros(0)
+        runs.append(
+            Run(
+                algo=record.get("algo", algo),
+                env=record.get("env") or _env_from_slug(job_dir.parent.name),
+                seed=int(record.get("seed", match.group("seed"))),
+                budget=int(record["budget"]) if "budget" in record else parse_steps(match.group("budget")),
+                timesteps=timesteps,
+                returns=returns,
+                status=record.get("status", "running"),
+                tag=record.get("tag", match.group("tag") or ""),
+                wall_seconds=record.get("wall_seconds"),
+                path=str(job_dir),
+            )
+        )
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------- pure
+def covers(run: Run, budget: int) -> bool:
+    """Whether ``run`` reached ``budget`` env steps: evaluated at or past it, or finished with a budget >= it."""
+    if len(run.timesteps) == 0:
+        return False
+    if run.timesteps.max() >= budget:
+        return True
+    return run.status == "ok" and run.budget is not None and run.budget >= budget
+
+
+def value_at(run: Run, budget: int) -> float | None:
+    """Mean return of the last evaluation at or before ``budget`` (None if the run did not reach the budget)."""
+    if not covers(run, budget):
+        return None
+    mask = run.timesteps <= budget
+    if not mask.any():
+        return None
+    return float(run.returns[np.flatnonzero(mask)[-1]])
+
+
+def steps_to_threshold(run: Run, threshold: float) -> int | None:
+    """Env steps of the first evaluation whose mean return is >= ``threshold`` (None if never)."""
+    hits = np.flatnonzero(run.returns >= threshold)
+    return int(run.timesteps[hits[0]]) if len(hits) else None
+
+
+def mean_std(values: Sequence[float]) -> Cell | None:
+    """Mean and sample std (ddof 1; 0 for one value) of ``values``; None if empty."""
+    if len(values) == 0:
+        return None
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return Cell(float(arr.mean()), std, len(arr))
+
+
+def select_runs(runs: Iterable[Run]) -> tuple[dict[tuple[str, str], list[Run]], dict[tuple[str, str], list[Run]]]:
+    """Group by (env, label): usable runs (one per seed, the largest budget) and failed runs."""
+    usable: dict[tuple[str, str], dict[int, Run]] = defaultdict(dict)
+    failed: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        key = (run.env, run.label)
+        if run.status not in ("ok", "running"):
+            failed[key].append(run)
+            continue
+        best = usable[key].get(run.seed)
+        if best is None or (run.budget or 0, run.status == "ok") > (best.budget or 0, best.status == "ok"):
+            usable[key][run.seed] = run
+    return {k: [v[s] for s in sorted(v)] for k, v in usable.items()}, dict(failed)
+
+
+def default_budgets(env: str) -> tuple[int, ...]:
+    """Report budgets of the suite that contains ``env`` (else none: the caller falls back on the data)."""
+    for suite in SUITES.values():
+        if env in suite.envs:
+            return suite.report_budgets
+    return ()
+
+
+def default_threshold(env: str) -> float | None:
+    for suite in SUITES.values():
+        if env in suite.envs and suite.threshold is not None:
+            return suite.threshold
+    return None
+
+
+def aggregate(
+    runs: Iterable[Run],
+    budgets: Mapping[str, Sequence[int]] | None = None,
+    thresholds: Mapping[str, float | None] | None = None,
+) -> list[Row]:
+    """Table rows, one per (env, algo label), sorted by env then label; only budgets some row of the env reached.
+
+    :param budgets: env -> report budgets (default: the suite's; else a quarter, half and all of the longest run)
+    :param thresholds: env -> return threshold for steps-to-threshold (default: the suite's, e.g. CartPole 475)
+    """
+    runs = list(runs)
+    usable, failed = select_runs(runs)
+    budgets = dict(budgets or {})
+    thresholds = dict(thresholds or {})
+    rows = []
+    envs = sorted({run.env for run in runs})
+    for env in envs:
+        keys = sorted({k for k in (*usable, *failed) if k[0] == env}, key=lambda k: k[1])
+        env_budgets = tuple(budgets.get(env) or default_budgets(env))
+        if not env_budgets:
+            longest = max((int(r.timesteps.max()) for k in keys for r in usable.get(k, []) if len(r.timesteps)), default=0)
+            env_budgets = tuple(sorted({longest // 4, longest // 2, longest} - {0}))
+        threshold = thresholds[env] if env in thresholds else default_threshold(env)
+        env_rows = []
+        for key in keys:
+            seeds = usable.get(key, [])
+            cells = {b: mean_std([v for v in (value_at(r, b) for r in seeds) if v is not None]) for b in env_budgets}
+            reached = [s for s in (steps_to_threshold(r, threshold) for r in seeds) if s is not None] if threshold else []
+            walls = [r.wall_seconds for r in seeds if r.wall_seconds is not None and r.status == "ok"]
+            any_run = (seeds or failed[key])[0]
+            env_rows.append(
+                Row(
+                    env=env, label=key[1], algo=any_run.algo, cells=cells, threshold=threshold,
+                    threshold_steps=mean_std(reached), threshold_reached=len(reached), n_seeds=len(seeds),
+                    n_failed=len(failed.get(key, [])), n_running=sum(r.status == "running" for r in seeds),
+                    wall_seconds_mean=float(np.mean(walls)) if walls else None,
+                    max_steps=max((int(r.timesteps.max()) for r in seeds if len(r.timesteps)), default=0),
+                )
+            )
+        shown = [b for b in env_budgets if any(row.cells.get(b) is not None for row in env_rows)]
+        for row in env_rows:
+            row.cells = {b: row.cells[b] for b in shown}
+        rows.extend(env_rows)
+    return rows
+
+
+def curve(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, std, n) over seeds on the union of evaluation steps; each seed counts where it got to."""
+    grid = np.unique(np.concatenate([r.timesteps for r in runs])) if runs else np.zeros(0, dtype=np.int64)
+    means, stds, counts = [], [], []
+    for t in grid:
+        cell = mean_std([v for v in (value_at(r, int(t)) for r in runs) if v is not None])
+        means.append(cell.mean if cell else np.nan)
+        stds.append(cell.std if cell else np.nan)
+        counts.append(cell.n if cell else 0)
+    return grid, np.asarray(means), np.asarray(stds), np.asarray(counts)
+
+
+def load_anchors(path: Path | str = ANCHORS_FILE) -> list[dict[str, Any]]:
+    import yaml
+
+    with open(path) as f:
+        return list(yaml.safe_load(f)["anchors"])
+
+
+def _fmt_value(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.1f}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def fmt_cell(cell: Cell | None, n_seeds: int | None = None) -> str:
+    """``mean ± std`` (with ``(n=k)`` when fewer than ``n_seeds`` seeds count), ``—`` when empty."""
+    if cell is None:
+        return "—"
+    text = f"{_fmt_value(cell.mean)} ± {_fmt_value(cell.std)}"
+    if n_seeds is not None and cell.n < n_seeds:
+        text += f" (n={cell.n})"
+    return text
+
+
+def fmt_threshold(row: Row) -> str:
+    if row.threshold is None:
+        return "n/a"
+    reached = f"{row.threshold_reached}/{row.n_seeds} seeds"
+    if row.threshold_steps is None:
+        return f"not reached ({reached})"
+    cell = row.threshold_steps
+    return f"{fmt_approx_steps(cell.mean)} ± {fmt_approx_steps(cell.std)} ({reached})"
+
+
+def fmt_approx_steps(steps: float) -> str:
+    """Rounded step count for averages: 840 -> '840', 25000 -> '25k', 7071.1 -> '7.1k', 1.25e6 -> '1.25M'."""
+    if steps < 1000:
+        return f"{steps:.0f}"
+    if steps < 1_000_000:
+        return f"{steps / 1e3:.1f}".rstrip("0").rstrip(".") + "k"
+    return f"{steps / 1e6:.2f}".rstrip("0").rstrip(".") + "M"
+
+
+def fmt_wall(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _label(label: str) -> str:
+    algo, _, rest = label.partition(" ")
+    return ALGO_LABELS.get(algo, algo) + (f" {rest}" if rest else "")
+
+
+def render_env_table(rows: Sequence[Row]) -> str:
+    """The markdown table of one env's rows."""
+    budgets = list(rows[0].cells) if rows else []
+    threshold = rows[0].threshold if rows else None
+    header = ["algorithm", *(f"return @ {fmt_steps(b)}" for b in budgets)]
+    if threshold is not None:
+        header.append(f"steps to ≥ {_fmt_value(threshold)}")
+    header += ["seeds", "env steps reached", "wall-clock / run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        seeds = str(row.n_seeds) + (f" ({row.n_running} running)" if row.n_running else "")
+        seeds += f" (+{row.n_failed} failed)" if row.n_failed else ""
+        cells = [_label(row.label), *(fmt_cell(row.cells[b], row.n_seeds) for b in budgets)]
+        if threshold is not None:
+            cells.append(fmt_threshold(row))
+        cells += [seeds, fmt_steps(row.max_steps), fmt_wall(row.wall_seconds_mean)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ours_at(runs_by_key: Mapping[tuple[str, str], Sequence[Run]], env: str, algo: str, budget: int) -> Cell | None:
+    """Our untagged runs of ``algo`` on ``env`` aggregated at ``budget`` (for the anchors table)."""
+    seeds = runs_by_key.get((env, algo), [])
+    return mean_std([v for v in (value_at(r, budget) for r in seeds) if v is not None])
+
+
+def render_anchor_table(anchors: Sequence[Mapping[str, Any]], runs_by_key: Mapping[tuple[str, str], Sequence[Run]],
+                        env: str) -> str:
+    """Published anchors of ``env`` next to our value of the same algorithm at the same budget."""
+    rows = sorted((a for a in anchors if a["env"] == env), key=lambda a: (str(a["algo"]), int(a["budget_steps"])))
+    if not rows:
+        return ""
+    header = ["source", "algorithm", "budget", "published", "ours at that budget", "metric", "comparable", "why"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for a in rows:
+        budget = int(a["budget_steps"])
+        budget_text = fmt_steps(budget) + (f" ({fmt_steps(4 * budget)} frames)" if _is_atari(env) else "")
+        published = _fmt_value(float(a["value"])) + (f" ({a['range']})" if a.get("range") else "")
+        published += f" [{a.get('tag', '?')}]"
+        ours = fmt_cell(ours_at(runs_by_key, env, str(a["algo"]), budget))
+        comparable = "yes" if a.get("comparable") is True else "no"
+        lines.append("| " + " | ".join(
+            [str(a["source"]), _label(str(a["algo"])), budget_text, published, ours, str(a.get("metric", "")),
+             comparable, str(a.get("why", "")).replace("\n", " ")]
+        ) + " |")
+    return "\n".join(lines)
+
+
+def _is_atari(env: str) -> bool:
+    return env.startswith("ALE/") or "NoFrameskip" in env
+
+
+def render_markdown(
+    rows: Sequence[Row],
+    runs: Sequence[Run] = (),
+    anchors: Sequence[Mapping[str, Any]] = (),
+    plots: Mapping[str, str] | None = None,
+    generated: str | None = None,
+    source: str = "benchmarks/results/learning/",
+) -> str:
+    """The whole REPORT.md: per env the table, the plot and the published anchors; then protocol notes."""
+    plots = plots or {}
+    usable, failed = select_runs(runs)
+    out = ["# Learning benchmark: DreamerV2 vs DQN", ""]
+    if generated:
+        out += [f"Generated {generated} by `python -m benchmarks.report` from `{source}`.", ""]
+    out += [
+        "Evaluation return = mean over the evaluation's episodes (the zoo's EvalCallback, `evaluations.npz`); each cell",
+        "is the mean ± sample std over seeds of the **last evaluation at or before the budget** (no interpolation; a",
+        "seed counts only if its run reached the budget, `(n=k)` when fewer seeds than the row's count). Budgets are",
+        "env (agent) steps; Atari steps are 4 frames each. Steps-to-threshold: first evaluation whose mean return",
+        "reaches the threshold, averaged over the seeds that reached it.",
+        "",
+    ]
+    by_env: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_env[row.env].append(row)
+    if not by_env:
+        out += ["No results yet: run `python -m benchmarks.learning --suite cartpole` first.", ""]
+    for env, env_rows in by_env.items():
+        out += [f"## {env}", "", render_env_table(env_rows), ""]
+        if env in plots:
+            out += [f"![{env} learning curves]({plots[env]})", ""]
+        table = render_anchor_table(anchors, usable, env)
+        if table:
+            out += ["Published anchors (from `benchmarks/anchors.yaml`; *comparable* refers to this protocol):", "",
+                    table, ""]
+        env_failed = [r for key, rs in failed.items() if key[0] == env for r in rs]
+        if env_failed:
+            out += ["Failed runs (not averaged): " + ", ".join(
+                f"{r.label} seed {r.seed} ({r.status}, `{Path(r.path).name}`)" for r in env_failed), ""]
+    suites = [s for s in SUITES.values() if any(env in by_env for env in s.envs)]
+    if suites:
+        out += ["## Protocol", ""]
+        out += [f"* **{s.name}** (`python -m benchmarks.learning --suite {s.name}`): {s.notes}" for s in suites]
+        out += [""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------- plots
+def plot_env(env: str, runs_by_label: Mapping[str, Sequence[Run]], out_path: Path,
+             anchors: Sequence[Mapping[str, Any]] = (), threshold: float | None = None) -> Path:
+    """One PNG: mean ± std band over seeds per algorithm, published anchors as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = {}
+    for i, (label, runs) in enumerate(sorted(runs_by_label.items())):
+        steps, mean, std, n = curve(runs)
+        if len(steps) == 0:
+            continue
+        (line,) = ax.plot(steps, mean, label=f"{_label(label)} ({len(runs)} seeds)", color=f"C{i}")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        colors[label.split(" ")[0]] = line.get_color()
+    reached = max((int(r.timesteps.max()) for runs in runs_by_label.values() for r in runs if len(r.timesteps)),
+                  default=0)
+    for a in anchors:  # only anchors inside the plotted range (far-away budgets would squash the curves)
+        if a["env"] != env or int(a["budget_steps"]) > 1.05 * reached:
+            continue
+        color = colors.get(str(a["algo"]), "gray")
+        name = str(a["source"]).split(" (")[0]
+        name = name.split(" ")[0] if len(name) > 32 else name
+        comparable = "comparable" if a.get("comparable") else "not comparable"
+        ax.scatter([a["budget_steps"]], [a["value"]], marker="x" if a.get("comparable") else "+", color=color, s=50,
+                   label=f"{_label(str(a['algo']))}: {name} ({comparable})")
+    if threshold is not None:
+        ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"threshold {_fmt_value(threshold)}")
+    ax.set_xlabel("env steps" + (" (1 step = 4 frames)" if _is_atari(env) else ""))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: fmt_approx_steps(x) if x > 0 else "0"))
+    ax.set_ylabel("evaluation return")
+    ax.set_title(env)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def make_report(results_dir: Path = LEARNING_DIR, out: Path = RESULTS_DIR / "REPORT.md",
+                plots_dir: Path | None = RESULTS_DIR / "plots", anchors_file: Path = ANCHORS_FILE,
+                budgets: Mapping[str, Sequence[int]] | None = None) -> str:
+    """Parse, aggregate, plot and write the report; returns its markdown."""
+    runs = find_runs(results_dir)
+    rows = aggregate(runs, budgets=budgets)
+    anchors = load_anchors(anchors_file) if anchors_file and Path(anchors_file).exists() else []
+    plots: dict[str, str] = {}
+    if plots_dir is not None:
+        usable, _ = select_runs(runs)
+        for env in sorted({r.env for r in runs}):
+            by_label = {label: rs for (e, label), rs in usable.items() if e == env}
+            if not any(len(r.timesteps) for rs in by_label.values() for r in rs):
+                continue
+            path = plot_env(env, by_label, Path(plots_dir) / f"{env_slug(env)}.png", anchors, default_threshold(env))
+            try:
+                plots[env] = str(path.resolve().relative_to(Path(out).resolve().parent))
+            except ValueError:
+                plots[env] = str(path)
+    try:
+        source = str(Path(results_dir).resolve().relative_to(REPO_ROOT)) + "/"
+    except ValueError:
+        source = str(results_dir)
+    text = render_markdown(rows, runs, anchors, plots,
+                           generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), source=source)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=LEARNING_DIR, help="root of the job folders")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "REPORT.md", help="markdown file to write")
+    parser.add_argument("--plots-dir", type=Path, default=RESULTS_DIR / "plots", help="folder of the PNG curves")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
+    parser.add_argument("--anchors", type=Path, default=ANCHORS_FILE, help="published anchors (YAML)")
+    parser.add_argument("--budgets", nargs="+", metavar="ENV=B1,B2", default=[],
+                        help="report budgets per env, e.g. CartPole-v1=10k,25k,50k (default: the suite's)")
+    parser.add_argument("--print", action="store_true", help="also print the markdown")
+    args = parser.parse_args(argv)
+    budgets = {}
+    for item in args.budgets:
+        env, _, values = item.partition("=")
+        budgets[env] = [parse_steps(v) for v in values.split(",") if v]
+    text = make_report(args.results_dir, args.out, None if args.no_plots else args.plots_dir, args.anchors, budgets)
+    if args.print:
+        print(text)
+    print(f"[report] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

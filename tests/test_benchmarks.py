@@ -1,0 +1,286 @@
+"""Tests of the benchmark harness (benchmarks/): report aggregation, job skipping, a tiny end-to-end run, throughput."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import learning, peers, report  # noqa: E402
+from benchmarks.common import fmt_steps, parse_steps  # noqa: E402
+
+TINY_DREAMER = [
+    'policy_kwargs:"dict(deter_size=32, hidden_size=32, stoch_size=4, classes=4, mlp_layers=1, mlp_units=32)"',
+    "learning_starts:100",
+    "batch_size:4",
+    "sequence_length:8",
+]
+
+
+def write_job(root, algo, env, seed, budget, steps, values, status="ok", tag="", spread=5.0, wall=10.0):
+    """A job folder as the harness leaves it: job.json (unless status is None) and the zoo's evaluations.npz."""
+    name = f"seed{seed}_{fmt_steps(budget)}" + (f"_{tag}" if tag else "")
+    job_dir = Path(root) / algo / env.replace("/", "-") / name
+    run_dir = job_dir / algo / f"{env.replace('/', '-')}_1"
+    run_dir.mkdir(parents=True)
+    values = np.asarray(values, dtype=np.float64)
+    results = np.stack([values - spread, values + spread], axis=1)  # 2 episodes per evaluation, mean = value
+    np.savez(run_dir / "evaluations.npz", timesteps=np.asarray(steps), results=results,
+             ep_lengths=np.ones_like(results, dtype=np.int64))
+    if status is not None:
+        record = dict(algo=algo, env=env, seed=seed, budget=budget, status=status, tag=tag, wall_seconds=wall)
+        (job_dir / "job.json").write_text(json.dumps(record))
+    return job_dir
+
+
+STEPS = [10_000, 20_000, 30_000, 40_000, 50_000]
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    root = tmp_path / "learning"
+    env = "CartPole-v1"
+    write_job(root, "dqn", env, 0, 50_000, STEPS, [100, 300, 480, 500, 500])
+    write_job(root, "dqn", env, 1, 50_000, STEPS, [120, 476, 490, 500, 500])
+    write_job(root, "dqn", env, 2, 50_000, STEPS, [90, 200, 300, 400, 470])
+    write_job(root, "dreamerv2", env, 0, 50_000, STEPS, [20, 50, 100, 200, 300])
+    write_job(root, "dreamerv2", env, 1, 50_000, STEPS[:2], [30, 60], status=None)  # still running, no job.json
+    write_job(root, "dreamerv2", env, 2, 50_000, STEPS[:1], [10], status="failed")
+    return root
+
+
+def test_steps_format_roundtrip():
+    for steps, text in [(300, "300"), (2500, "2.5k"), (50_000, "50k"), (1_250_000, "1.25M"), (2501, "2501")]:
+        assert fmt_steps(steps) == text
+        assert parse_steps(text) == steps
+    assert parse_steps("1e5") == 100_000
+
+
+def test_find_runs_parses_job_folders(synthetic):
+    runs = report.find_runs(synthetic)
+    assert len(runs) == 6
+    status = {(r.algo, r.seed): r.status for r in runs}
+    assert status[("dreamerv2", 1)] == "running" and status[("dreamerv2", 2)] == "failed"
+    run = next(r for r in runs if r.algo == "dqn" and r.seed == 0)
+    assert run.budget == 50_000 and run.env == "CartPole-v1"
+    np.testing.assert_allclose(run.returns, [100, 300, 480, 500, 500])  # mean over the evaluation's episodes
+
+
+def test_value_at_uses_last_evaluation_at_or_before_budget():
+    run = report.Run("dqn", "CartPole-v1", 0, 50_000, np.array([5_000, 10_000, 15_000]), np.array([1.0, 2.0, 3.0]),
+                     status="running")
+    assert report.value_at(run, 12_000) == 2.0  # last evaluation <= budget, no interpolation
+    assert report.value_at(run, 15_000) == 3.0
+    assert report.value_at(run, 4_000) is None  # no evaluation yet
+    assert report.value_at(run, 20_000) is None  # the (running) run has not reached the budget
+    run.status = "ok"  # a finished run with a budget >= 20k covers 20k with its last evaluation
+    assert report.value_at(run, 20_000) == 3.0
+    assert report.value_at(run, 60_000) is None
+    assert report.steps_to_threshold(run, 2.0) == 10_000
+    assert report.steps_to_threshold(run, 4.0) is None
+
+
+def test_aggregate_known_table(synthetic):
+    runs = report.find_runs(synthetic)
+    rows = report.aggregate(runs, budgets={"CartPole-v1": [10_000, 25_000, 50_000, 100_000]})
+    by_algo = {row.algo: row for row in rows}
+    assert [row.label for row in rows] == ["dqn", "dreamerv2"]
+    dqn, dreamer = by_algo["dqn"], by_algo["dreamerv2"]
+    assert list(dqn.cells) == [10_000, 25_000, 50_000]  # 100k: no data anywhere -> no column
+
+    def check(cell, values):
+        assert cell.n == len(values)
+        assert cell.mean == pytest.approx(np.mean(values))
+        assert cell.std == pytest.approx(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+
+    check(dqn.cells[10_000], [100, 120, 90])
+    check(dqn.cells[25_000], [300, 476, 200])  # the 20k evaluation
+    check(dqn.cells[50_000], [500, 500, 470])
+    assert dqn.threshold == 475.0  # the cartpole suite's threshold
+    assert dqn.threshold_reached == 2 and dqn.n_seeds == 3
+    check(dqn.threshold_steps, [30_000, 20_000])
+    assert dqn.wall_seconds_mean == pytest.approx(10.0)
+
+    assert dreamer.n_seeds == 2 and dreamer.n_failed == 1  # the failed run is listed, never averaged
+    check(dreamer.cells[10_000], [20, 30])
+    check(dreamer.cells[25_000], [50])  # the running seed stopped at 20k: it does not count at 25k
+    check(dreamer.cells[50_000], [300])
+    assert dreamer.threshold_steps is None and dreamer.max_steps == 50_000
+
+    table = report.render_env_table(rows)
+    assert "| algorithm | return @ 10k | return @ 25k | return @ 50k | steps to ≥ 475.0 | seeds |" in table
+    assert f"| DQN | 103.3 ± {np.std([100, 120, 90], ddof=1):.1f} |" in table
+    assert "| 490.0 ± 17.3 | 25k ± 7.1k (2/3 seeds) | 3 |" in table
+    dreamer_row = ("| DreamerV2 | 25.0 ± 7.1 | 50.0 ± 0.0 (n=1) | 300.0 ± 0.0 (n=1) | not reached (0/2 seeds) "
+                   "| 2 (1 running) (+1 failed) |")
+    assert dreamer_row in table
+
+
+def test_aggregate_missing_data_and_unknown_env(tmp_path):
+    root = tmp_path / "learning"
+    assert report.aggregate(report.find_runs(root)) == []  # nothing yet
+    assert "No results yet" in report.render_markdown([], [])
+    write_job(root, "dqn", "Acrobot-v1", 0, 8_000, [2_000, 4_000, 6_000, 8_000], [-500, -400, -200, -100])
+    write_job(root, "dqn", "Acrobot-v1", 1, 8_000, [], [])  # finished without evaluations
+    (row,) = report.aggregate(report.find_runs(root))
+    assert row.threshold is None and list(row.cells) == [2_000, 4_000, 8_000]  # no suite: 1/4, 1/2, all of the data
+    assert row.cells[4_000].mean == -400 and row.cells[4_000].n == 1
+    assert "n/a" not in report.render_env_table([row])  # no threshold column at all
+
+
+def test_report_markdown_anchors_and_plots(synthetic, tmp_path):
+    out = tmp_path / "REPORT.md"
+    text = report.make_report(synthetic, out, tmp_path / "plots")
+    assert out.read_text() == text
+    assert (tmp_path / "plots" / "CartPole-v1.png").stat().st_size > 1000
+    assert "![CartPole-v1 learning curves](plots/CartPole-v1.png)" in text
+    # the zoo DQN anchor (500 at 50k) next to our DQN at 50k
+    assert "| DQN | 50k | 500.0 (500.0 ± 0.0) [T] | 490.0 ± 17.3 |" in text
+    assert "Failed runs (not averaged): dreamerv2 seed 2 (failed" in text
+    for anchor in report.load_anchors():
+        assert isinstance(anchor["comparable"], bool) and anchor["why"], anchor
+        assert {"env", "algo", "source", "budget_steps", "value", "metric", "action_set", "sticky"} <= set(anchor)
+
+
+def test_curve_mean_std_band():
+    runs = [
+        report.Run("dqn", "e", 0, 30, np.array([10, 20, 30]), np.array([1.0, 2.0, 3.0])),
+        report.Run("dqn", "e", 1, 30, np.array([10, 20]), np.array([3.0, 4.0]), status="running"),
+    ]
+    steps, mean, std, n = report.curve(runs)
+    np.testing.assert_array_equal(steps, [10, 20, 30])
+    np.testing.assert_allclose(mean, [2.0, 3.0, 3.0])
+    np.testing.assert_allclose(std, [np.sqrt(2), np.sqrt(2), 0.0])
+    np.testing.assert_array_equal(n, [2, 2, 1])
+
+
+def test_suites_and_commands(tmp_path):
+    jobs = learning.build_jobs(learning.SUITES["minatar"], results_dir=tmp_path, seeds=[0], envs=["MinAtar/Breakout-v1"],
+                               algo_params={"dreamerv2": ["batch_size:4"]})
+    cmd = {job.algo: job.command() for job in jobs}
+    assert set(cmd) == {"dreamerv2", "dqn"}
+    for algo, args in cmd.items():
+        assert args[args.index("--eval-episodes") + 1] == "10" and args[args.index("-n") + 1] == "500000"
+        assert args[args.index("--log-folder") + 1] == str(tmp_path / algo / "MinAtar-Breakout-v1" / "seed0_500k")
+        assert any("TimeLimit" in a for a in args)  # same eval time limit for both
+    assert "exploration_fraction:0.2" in cmd["dqn"]  # 100k exploration steps of 500k
+    assert "batch_size:4" in cmd["dreamerv2"] and "batch_size:4" not in cmd["dqn"]
+    cartpole = learning.build_jobs(learning.SUITES["cartpole"], results_dir=tmp_path)
+    assert len(cartpole) == 6  # 2 algos x 3 seeds
+    dqn = next(j for j in cartpole if j.algo == "dqn")
+    assert dqn.conf_file.endswith("rl_zoo3/hyperparams/dqn.yml") and Path(dqn.conf_file).is_file()
+    pong = {j.algo: j for j in learning.build_jobs(learning.SUITES["atari-pong"], results_dir=tmp_path, seeds=[0])}
+    assert any("DreamerAtariWrapper" in p for p in pong["dqn"].params)  # DreamerV2's Atari protocol for DQN too
+
+
+def test_dry_run_prints_commands(tmp_path, capsys):
+    rc = learning.main(["--suite", "cartpole", "--seeds", "0", "--results-dir", str(tmp_path), "--dry-run",
+                        "--algo-params", "dreamerv2", "learning_starts:100"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count("sb3_dreamer.zoo train") == 2 and "learning_starts:100" in out
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def _fake_python(tmp_path, rc):
+    script = tmp_path / f"fake_python_{rc}"
+    script.write_text(f"#!/bin/sh\necho fake zoo \"$@\"\nexit {rc}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_run_job_writes_job_json_and_skips_finished(tmp_path, monkeypatch):
+    suite = learning.SUITES["cartpole"]
+    (ok_job,) = learning.build_jobs(suite, results_dir=tmp_path, algos=["dqn"], seeds=[0], budget=300)
+    ok_job = learning.dataclasses.replace(ok_job, python=_fake_python(tmp_path, 0))
+    record = learning.run_job(ok_job, echo=False)
+    saved = json.loads(ok_job.job_file.read_text())
+    assert saved == record and saved["status"] == "ok" and saved["returncode"] == 0
+    for key in ("command", "start_time", "end_time", "wall_seconds", "machine"):
+        assert key in saved
+    assert {"cpu_model", "cpu_cores", "torch", "git_commit"} <= set(saved["machine"])
+    assert "fake zoo -m sb3_dreamer.zoo train --algo dqn" in (ok_job.dir / "train.log").read_text()
+    assert "warning" in saved  # no evaluations.npz from the fake zoo
+    assert not list(ok_job.dir.glob(".job.json.*"))  # atomic write leaves no temporary file
+
+    (failed_job,) = learning.build_jobs(suite, results_dir=tmp_path, algos=["dqn"], seeds=[1], budget=300)
+    failed_job = learning.dataclasses.replace(failed_job, python=_fake_python(tmp_path, 3))
+    assert learning.run_job(failed_job, echo=False)["status"] == "failed"
+
+    calls = []
+    monkeypatch.setattr(learning, "run_job", lambda job, timeout=None: calls.append(job) or {"status": "ok"})
+    outcome = learning.run_jobs([ok_job, failed_job])
+    assert outcome["skipped"] == [ok_job]  # finished: skipped
+    assert calls == [failed_job] and outcome["ok"] == [failed_job]  # failed: run again
+    calls.clear()
+    learning.run_jobs([ok_job], force=True)
+    assert calls == [ok_job]
+
+
+@pytest.mark.skipif(not learning.zoo_available(), reason="sb3_dreamer.zoo (the zoo launcher) is not available yet")
+def test_end_to_end_tiny_harness_and_report(tmp_path):
+    results = tmp_path / "learning"
+    argv = ["--suite", "cartpole", "--seeds", "0", "--budget", "300", "--eval-freq", "100", "--eval-episodes", "2",
+            "--device", "cpu", "--threads", "1", "--parallel", "2", "--results-dir", str(results),
+            "--algo-params", "dreamerv2", *TINY_DREAMER]
+    assert learning.main(argv) == 0
+    for algo in ("dreamerv2", "dqn"):
+        record = learning.read_job(results / algo / "CartPole-v1" / "seed0_300")
+        assert record["status"] == "ok", (results / algo / "CartPole-v1" / "seed0_300" / "train.log").read_text()[-3000:]
+        assert list((results / algo / "CartPole-v1" / "seed0_300" / algo).glob("CartPole-v1_1/evaluations.npz"))
+    text = report.make_report(results, tmp_path / "REPORT.md", tmp_path / "plots", budgets={"CartPole-v1": [100, 300]})
+    table = text.split("## CartPole-v1")[1].split("\n\n")[1]
+    assert "| algorithm | return @ 100 | return @ 300 | steps to ≥ 475.0 |" in table
+    assert "\n| DQN | " in table and "\n| DreamerV2 | " in table
+    assert (tmp_path / "plots" / "CartPole-v1.png").exists()
+    # rerun: both jobs are finished and skipped
+    outcome = learning.run_jobs(learning.build_jobs(learning.SUITES["cartpole"], results_dir=results, seeds=[0],
+                                                    budget=300, eval_freq=100, eval_episodes=2))
+    assert len(outcome["skipped"]) == 2 and not outcome["ok"]
+
+
+def test_throughput_quick_writes_valid_json(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--quick", "--devices", "cpu", "--threads", "1",
+           "--out-dir", str(tmp_path), "--machine", "test", "--in-process"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "test-cpu.json").read_text())
+    (case,) = data["cases"]
+    assert case["case"] == "tiny-vector" and "error" not in case
+    assert case["grad_step"]["total_s"]["median"] > 0 and case["grad_step"]["world_model_update_s"]["median"] > 0
+    assert case["grad_step"]["behaviour_update_s"]["median"] > 0
+    assert case["flops"]["total_gflop"] > 0 and data["matmul_peak"]["gflops"] > 0
+    assert case["flops"]["world_model_update_gflop"] + case["flops"]["behaviour_update_gflop"] <= case["flops"][
+        "total_gflop"] * 1.0001
+    assert case["replay"]["raw_obs_bytes_per_step"] == 16 and case["replay"]["bytes_per_step"] >= 16
+    assert set(case["collection"]) == {"1", "8"} and case["peak_rss_mb"] > 0
+    assert "## Gradient steps" in (tmp_path / "test-cpu.md").read_text()
+
+
+def test_peer_results_side_by_side(tmp_path):
+    (tmp_path / "dv2_cartpole_small.json").write_text(json.dumps(
+        {"grad_step_s_median": 0.9, "grad_step_cpu_s_mean": 1.7, "policy_forward_s_mean": 0.001,
+         "policy_phase_env_steps_per_s_excl_train": 650.0, "loadavg_start": ["0.1", "0.1", "0.1"]}))
+    (tmp_path / "dv2_cartpole_small.time").write_text("\tMaximum resident set size (kbytes): 1178624\n")
+    (tmp_path / "sb3_cartpole.json").write_text(json.dumps({"grad_steps_per_s": 900.0,
+                                                            "train_phase_env_steps_per_s": 1500.0}))
+    assert peers.find_peer_dir(tmp_path) == tmp_path
+    results = peers.load_peer_results(tmp_path)
+    assert set(results) == {"dv2_cartpole_small", "sb3_cartpole"}
+    assert results["dv2_cartpole_small"]["peak_rss_mb"] == pytest.approx(1151.0)
+    ours = {"case": "small-cartpole", "peer": "dv2_cartpole_small", "peak_rss_mb": 800.0,
+            "grad_step": {"total_s": {"median": 0.45}, "cpu_s": {"median": 0.8}},
+            "collection": {"1": {"policy_step_ms": {"median": 0.7}}}}
+    md = peers.render_side_by_side([ours], results, "cpu")
+    assert "| small-cartpole | dv2_cartpole_small | 0.45 | 0.9 | 0.50 |" in md
+    assert "| sb3_cartpole | 900 | 1500 |" in md
+    published = peers.render_side_by_side([ours], {}, "cpu")  # no peer folder: the published numbers
+    assert "dv2_cartpole_small (published) | 0.45 | 0.88 |" in published
