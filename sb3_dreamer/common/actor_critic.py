@@ -21,8 +21,9 @@ from sb3_dreamer.common.world_model import WorldModel
 
 
 class ImaginedTrajectory(NamedTuple):
-    features: th.Tensor  # [H + 1, N, F]
-    actions: th.Tensor  # [H + 1, N, A], row t is the action that led to s_t
+    features: th.Tensor  # [H + 1, N, F] model features of s_0 .. s_H
+    log_probs: th.Tensor  # [H, N] ln π(a_t | s_t) of the action taken at s_t (t = 0 .. H - 1)
+    entropy: th.Tensor  # [H, N] H[π(· | s_t)]
 
 
 class BehaviourLosses(NamedTuple):
@@ -60,17 +61,25 @@ class ActorCritic(nn.Module):
         """Hard copy of the critic into the slow critic."""
         self.slow_critic.load_state_dict(self.critic.state_dict())
 
-    def imagine(self, world_model: WorldModel, start: RSSMState, horizon: int) -> ImaginedTrajectory:
-        """Roll the actor through the world model's prior for ``horizon`` steps from ``start`` (``[N, ...]``)."""
+    def imagine(self, world_model: WorldModel, start: RSSMState, horizon: int, backprop: bool) -> ImaginedTrajectory:
+        """Roll the actor through the world model's prior for ``horizon`` steps from ``start`` (``[N, ...]``).
+
+        The actor reads stop-gradient features. With ``backprop`` the sampled actions carry straight-through gradients
+        into the (frozen) dynamics, for the dynamics-backpropagation objective; without it the dynamics run without
+        recording a graph and only the actor's log-probabilities and entropies are differentiable (Reinforce).
+        """
         state = start
         features = [world_model.features(state)]
-        actions = [th.zeros(start.deter.shape[0], self.action_codec.input_dim, device=start.deter.device)]
+        log_probs, entropy = [], []
         for _ in range(horizon):
-            action = self.policy(features[-1].detach()).rsample()  # [N, A]
-            state = world_model.rssm.img_step(state, action)
-            features.append(world_model.features(state))
-            actions.append(action)
-        return ImaginedTrajectory(th.stack(features), th.stack(actions))
+            policy = self.policy(features[-1].detach())
+            action = policy.rsample()  # [N, A]
+            log_probs.append(policy.log_prob(action.detach()))
+            entropy.append(policy.entropy())
+            with th.set_grad_enabled(backprop):
+                state = world_model.rssm.img_step(state, action if backprop else action.detach())
+                features.append(world_model.features(state))
+        return ImaginedTrajectory(th.stack(features), th.stack(log_probs), th.stack(entropy))
 
     def loss(
         self,
@@ -96,33 +105,31 @@ class ActorCritic(nn.Module):
         :param entropy_coef: η
         :param predict_discount: use the discount head (else a constant γ)
         """
-        with th.set_grad_enabled(reinforce_mix < 1):  # Reinforce alone needs no gradient through the dynamics
-            trajectory = self.imagine(world_model, start, horizon)
-            features = trajectory.features  # [H + 1, N, F]
-            rewards = world_model.reward(features)  # [H + 1, N]
+        backprop = reinforce_mix < 1  # dynamics backpropagation needs gradients through the imagined returns
+        trajectory = self.imagine(world_model, start, horizon, backprop)
+        features = trajectory.features  # [H + 1, N, F]
+        with th.set_grad_enabled(backprop):
+            rewards = world_model.reward(features[:-1])  # r̂_t for t = 0 .. H - 1: [H, N]
             if predict_discount:
-                discounts = world_model.discount(features)
+                discounts = world_model.discount(features[1:-1])  # γ̂_t for t = 1 .. H - 1: [H - 1, N]
             else:
-                discounts = th.full_like(rewards, gamma)
+                discounts = th.full_like(rewards[1:], gamma)
             first = gamma * (~is_terminal).float()  # the real discount of the start state
-            discounts = th.cat([first.unsqueeze(0), discounts[1:]], dim=0)  # [H + 1, N]
+            discounts = th.cat([first.unsqueeze(0), discounts], dim=0)  # [H, N]
             values = self.value(features, slow=True)  # [H + 1, N]
-            returns = lambda_return(rewards[:-1], values[:-1], discounts[:-1], values[-1], lambda_)  # [H, N]
-        weights = discount_weights(discounts)  # [H + 1, N]
+            returns = lambda_return(rewards, values[:-1], discounts, values[-1], lambda_)  # [H, N]
+        weights = discount_weights(discounts)  # [H, N]
 
-        policy = self.policy(features[:-2].detach().flatten(0, 1))  # over [(H - 1) * N, F]
-        actions = trajectory.actions[1:-1].detach().flatten(0, 1)  # a_t chosen at s_t
-        shape = features.shape[0] - 2, features.shape[1]
-        log_probs = policy.log_prob(actions).reshape(shape)
-        entropy = policy.entropy().reshape(shape)
+        # The actor at s_t (t = 0 .. H - 2) is judged by V^λ_{t+1}, with the slow critic's v(s_t) as baseline.
         actor_loss = actor_objective(
-            log_probs, entropy, returns[1:], values[:-2].detach(), weights[:-2], reinforce_mix, entropy_coef
+            trajectory.log_probs[:-1], trajectory.entropy[:-1], returns[1:], values[:-2].detach(), weights[:-1],
+            reinforce_mix, entropy_coef,
         )
         critic_values = self.value(features[:-1].detach())  # [H, N]
-        critic_loss_value = critic_loss(critic_values, returns, weights[:-1])
+        critic_loss_value = critic_loss(critic_values, returns, weights)
         metrics = {
             "actor_loss": actor_loss.detach(),
-            "actor_entropy": entropy.mean().detach(),
+            "actor_entropy": trajectory.entropy.mean().detach(),
             "critic_loss": critic_loss_value.detach(),
             "imagined_return": returns.mean().detach(),
             "imagined_reward": rewards.mean().detach(),
