@@ -1,6 +1,6 @@
 """Small deterministic environments for the tests."""
 
-from typing import Any, Optional
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -19,7 +19,7 @@ class CountingEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(self, length: int = 20, truncate: bool = False, obs_space: str = "vector",
-                 action_space: Optional[spaces.Space] = None, render_mode: Optional[str] = None) -> None:
+                 action_space: spaces.Space | None = None, render_mode: str | None = None) -> None:
         self.length, self.truncate, self.kind = length, truncate, obs_space
         self.action_space = action_space if action_space is not None else spaces.Discrete(2)
         vector = spaces.Box(-1.0, 1.0, (3,), np.float32)
@@ -46,7 +46,7 @@ class CountingEnv(gym.Env):
             return grid
         return {"image": np.full((16, 16, 3), int(255 * phase), np.uint8), "state": vector}
 
-    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None) -> tuple[Any, dict]:
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
         super().reset(seed=seed)
         self.t = 0
         return self._obs(), {}
