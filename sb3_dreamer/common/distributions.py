@@ -146,6 +146,8 @@ class ActionCodec:
                 raise ValueError(f"Box action spaces must be 1-D, got shape {action_space.shape}.")
             if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
                 raise ValueError("Box action spaces must be bounded (finite low and high) for DreamerV2.")
+            if not np.all(action_space.high > action_space.low):
+                raise ValueError(f"Box action spaces need high > low in every dimension, got {action_space}.")
             self.sizes = []
         self.discrete = bool(self.sizes)
         self.input_dim = sum(self.sizes) if self.discrete else int(action_space.shape[0])
@@ -176,10 +178,10 @@ class ActionCodec:
     def buffer_to_env(self, actions: np.ndarray) -> np.ndarray:
         """Buffer actions ``[N, action_dim]`` to what ``VecEnv.step`` takes."""
         space = self.space
-        if isinstance(space, spaces.Discrete):
-            return actions.reshape(-1).astype(np.int64)
+        if isinstance(space, spaces.Discrete):  # indices count from 0, spaces from ``start``
+            return actions.reshape(-1).astype(np.int64) + int(space.start)
         if isinstance(space, spaces.MultiDiscrete):
-            return actions.astype(np.int64)
+            return actions.astype(np.int64) + space.start.astype(np.int64)
         low, high = space.low, space.high  # type: ignore[attr-defined]
         return np.clip(low + 0.5 * (actions + 1.0) * (high - low), low, high).astype(space.dtype)  # type: ignore[attr-defined]
 
@@ -187,8 +189,8 @@ class ActionCodec:
         """Env actions (e.g. uniform random prefill actions) to buffer actions ``[N, action_dim]``."""
         space = self.space
         if isinstance(space, spaces.Discrete):
-            return np.asarray(actions).reshape(-1, 1)
+            return np.asarray(actions).reshape(-1, 1) - int(space.start)
         if isinstance(space, spaces.MultiDiscrete):
-            return np.asarray(actions)
+            return np.asarray(actions) - space.start
         low, high = space.low, space.high  # type: ignore[attr-defined]
         return (2.0 * (np.asarray(actions) - low) / (high - low) - 1.0).astype(np.float32)

@@ -53,6 +53,8 @@ class ObservationCodec:
             )
         if not isinstance(space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
             raise ValueError(f"Unsupported observation space {space}.")
+        if isinstance(space, spaces.MultiDiscrete) and space.nvec.ndim != 1:
+            raise ValueError(f"MultiDiscrete observation spaces must be 1-D, got nvec shape {space.nvec.shape}.")
         if self.is_image:
             shape = space.shape
             self.channels_first = bool(is_image_space_channels_first(space))  # type: ignore[arg-type]
@@ -71,12 +73,14 @@ class ObservationCodec:
         """Preprocess ``obs`` of shape ``[*batch, *space.shape]`` to float ``[*batch, *self.shape]``."""
         space = self.space
         if isinstance(space, spaces.Discrete):
-            index = obs.long()
+            index = obs.long() - int(space.start)  # spaces may start at any integer
             if index.dim() > 1 and index.shape[-1] == 1:  # buffer layout [*batch, 1]
                 index = index.squeeze(-1)
             return F.one_hot(index, int(space.n)).float()
         if isinstance(space, spaces.MultiDiscrete):
-            return th.cat([F.one_hot(obs[..., i].long(), int(n)).float() for i, n in enumerate(space.nvec)], dim=-1)
+            starts = space.start
+            return th.cat([F.one_hot(obs[..., i].long() - int(starts[i]), int(n)).float() for i, n in enumerate(space.nvec)],
+                          dim=-1)
         if not self.is_image:
             batch = obs.shape[: obs.dim() - len(space.shape)]
             return obs.float().reshape(*batch, -1)
@@ -204,7 +208,8 @@ class MultiEncoder(nn.Module):
 
     def preprocess(self, obs: ObsTensor) -> TensorDict:
         """Raw observations ``[*batch, *space]`` to float network inputs (also the reconstruction targets)."""
-        return {key: codec(value) for (key, value), codec in zip(as_dict(obs).items(), self.codecs.values())}
+        obs_dict = as_dict(obs)  # by key: predict() passes the user's dict, whose key order may differ from the space's
+        return {key: codec(obs_dict[key]) for key, codec in self.codecs.items()}
 
     def forward(self, inputs: TensorDict) -> th.Tensor:
         """Preprocessed observations to embeddings ``e_t``: ``[*batch, output_dim]``."""

@@ -12,18 +12,25 @@ The replay ratio (replayed sequence steps per env step) is
 ``batch_size * sequence_length * gradient_steps / (train_freq * n_envs)``.
 """
 
+import io
+import pathlib
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar, Union
 
 import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import FloatSchedule, LinearSchedule, update_learning_rate
+from stable_baselines3.common.vec_env import VecEnv
 from torch.nn.utils import clip_grad_norm_
 
+from sb3_dreamer.common import checkpointing
 from sb3_dreamer.common.buffers import SequenceReplayBuffer
 from sb3_dreamer.common.rssm import flatten_states
 from sb3_dreamer.common.type_aliases import RSSMState
@@ -31,6 +38,7 @@ from sb3_dreamer.common.world_model import REWARD_TRANSFORMS
 from sb3_dreamer.dreamerv2.policies import CnnPolicy, DreamerV2Policy, MlpPolicy, MultiInputPolicy
 
 SelfDreamerV2 = TypeVar("SelfDreamerV2", bound="DreamerV2")
+TORCH_OPTIMIZERS = ("model_optimizer", "actor_optimizer", "critic_optimizer")  # policy attributes saved as state dicts
 ScheduleLike = Union[float, str, Schedule]
 
 
@@ -140,28 +148,31 @@ class DreamerV2(OffPolicyAlgorithm):
         device: Union[th.device, str] = "auto",
         _init_setup_model: bool = True,
     ) -> None:
-        super().__init__(
-            policy,
-            env,
-            learning_rate,
-            buffer_size=buffer_size,
-            learning_starts=learning_starts,
-            batch_size=batch_size,
-            gamma=gamma,
-            train_freq=train_freq,
-            gradient_steps=gradient_steps,
-            replay_buffer_class=replay_buffer_class,
-            replay_buffer_kwargs=replay_buffer_kwargs,
-            policy_kwargs=policy_kwargs,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
-            verbose=verbose,
-            device=device,
-            seed=seed,
-            sde_support=False,
-            support_multi_env=True,
-            supported_action_spaces=None,  # checked with a ValueError by the policy's ActionCodec
-        )
+        try:
+            super().__init__(
+                policy,
+                env,
+                learning_rate,
+                buffer_size=buffer_size,
+                learning_starts=learning_starts,
+                batch_size=batch_size,
+                gamma=gamma,
+                train_freq=train_freq,
+                gradient_steps=gradient_steps,
+                replay_buffer_class=replay_buffer_class,
+                replay_buffer_kwargs=replay_buffer_kwargs,
+                policy_kwargs=policy_kwargs,
+                stats_window_size=stats_window_size,
+                tensorboard_log=tensorboard_log,
+                verbose=verbose,
+                device=device,
+                seed=seed,
+                sde_support=False,
+                support_multi_env=True,
+                supported_action_spaces=None,  # checked with a ValueError by the policy's ActionCodec
+            )
+        except NotImplementedError as error:  # SB3 rejects some spaces (e.g. nested Dict observations) this way
+            raise ValueError(f"DreamerV2 does not support these spaces: {error}") from error
         self.actor_lr, self.critic_lr = actor_lr, critic_lr
         self.sequence_length, self.return_lambda = sequence_length, return_lambda
         self.imagination_horizon = imagination_horizon
@@ -173,6 +184,13 @@ class DreamerV2(OffPolicyAlgorithm):
         self.max_grad_norm, self.weight_decay = max_grad_norm, weight_decay
         self.stop_image_grad, self.stop_reward_grad = stop_image_grad, stop_reward_grad
         self._last_state: tuple[RSSMState, th.Tensor] | None = None
+        # Checkpoint/resume bookkeeping (see sb3_dreamer.common.checkpointing and docs/resume.md):
+        self._resume_state: dict[str, Any] | None = None  # saved in the zip; loaded, it is consumed by the next learn()
+        self._step_pending = False  # env.step done, transition not stored yet (callbacks run in that window)
+        self._rollout_callback: BaseCallback | None = None  # during collect_rollouts: its locals hold the pending step
+        self._stopped_step: dict[str, Any] | None = None  # the pending step of a learn() stopped by a callback
+        self._first_chunk: TrainFreq | None = None  # rest of a train_freq chunk interrupted by a checkpoint
+        self._chunk_offset = (0, 0)  # (steps, episodes) of the current chunk collected before the interruption
         if _init_setup_model:
             self._setup_model()
 
@@ -216,6 +234,7 @@ class DreamerV2(OffPolicyAlgorithm):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Uniform random actions while prefilling; afterwards filter each env's observation and sample the actor."""
         codec = self.policy.action_codec
+        self._step_pending = True  # until _store_transition: a save in between keeps the step (checkpointing)
         if self.num_timesteps < learning_starts:
             self._last_state = None
             env_actions = np.array([self.action_space.sample() for _ in range(n_envs)])
@@ -238,6 +257,7 @@ class DreamerV2(OffPolicyAlgorithm):
                           dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
         self._last_episode_starts = dones  # the next observation starts a new episode where done
+        self._step_pending = False
 
     def train(self, gradient_steps: int, batch_size: int) -> None:
         if not self.replay_buffer.can_sample():
@@ -324,9 +344,91 @@ class DreamerV2(OffPolicyAlgorithm):
 
     def _setup_learn(self, total_timesteps: int, callback: MaybeCallback = None, reset_num_timesteps: bool = True,
                      tb_log_name: str = "run", progress_bar: bool = False) -> tuple[int, Any]:
-        if reset_num_timesteps or self._last_obs is None:
+        # A checkpoint's resume state is used once, by the first learn() after load(); a step left pending by a
+        # stopped learn() (callback returned False, or the checkpoint was taken mid-step) is completed on resume.
+        resume_state, self._resume_state = self._resume_state, None
+        pending = resume_state["pending"] if resume_state is not None else checkpointing.capture_pending_step(self)
+        self._step_pending, self._stopped_step, self._first_chunk, self._chunk_offset = False, None, None, (0, 0)
+        env_reset = reset_num_timesteps or self._last_obs is None
+        if env_reset:
             self._last_state = None  # the env is reset: collection starts from the zero state
-        return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if reset_num_timesteps:
+            checkpointing.mark_trajectories_cut(self.replay_buffer)  # stored trajectories end here (no-op if empty)
+        else:  # RNG states, RSSM state and the pending step (see docs/resume.md)
+            checkpointing.resume_collection(self, resume_state, pending, env_was_reset=env_reset)
+        return result
+
+    def collect_rollouts(self, env: VecEnv, callback: BaseCallback, train_freq: TrainFreq, replay_buffer: ReplayBuffer,
+                         action_noise: ActionNoise | None = None, learning_starts: int = 0,
+                         log_interval: int | None = None) -> RolloutReturn:
+        self._rollout_callback = callback  # checkpointing reads the pending step from its locals
+        if self._first_chunk is not None:  # finish the train_freq chunk a checkpoint interrupted
+            train_freq, self._first_chunk = self._first_chunk, None
+        else:
+            self._chunk_offset = (0, 0)
+        try:
+            rollout = super().collect_rollouts(env, callback, train_freq, replay_buffer, action_noise, learning_starts,
+                                               log_interval)
+            if self._step_pending:  # a callback stopped training mid-step: keep the step for save() and learn()
+                self._stopped_step = checkpointing.capture_pending_step(self)
+            return rollout
+        except BaseException as error:
+            self._step_pending = False  # the step failed: there is nothing to complete on resume
+            if isinstance(error, Exception) and hasattr(error, "add_note"):
+                error.add_note(
+                    f"DreamerV2: collection failed at num_timesteps={self.num_timesteps}; the model and the replay buffer "
+                    f"({self.replay_buffer.size() if self.replay_buffer is not None else 0} steps) are intact: "
+                    "model.save(...) and model.save_replay_buffer(...) still work, and the run resumes from them "
+                    "(docs/resume.md)."
+                )
+            raise
+        finally:
+            self._rollout_callback = None  # (it holds the training globals, which would make the model uncopyable)
+
+    def save(self, path: Union[str, pathlib.Path, io.BufferedIOBase], exclude: Iterable[str] | None = None,
+             include: Iterable[str] | None = None) -> None:
+        """Save the model atomically (temporary file + ``os.replace``), with the state needed to resume exactly.
+
+        Beyond SB3's save data, the zip holds ``_resume_state``: RNG states, the RSSM collection state and the env
+        step in progress (see :mod:`sb3_dreamer.common.checkpointing` and ``docs/resume.md``).
+        """
+        loaded = self._resume_state is not None  # loaded and not used yet: save it unchanged
+        if not loaded:
+            self._resume_state = checkpointing.capture_resume_state(self)
+        parent_save = super().save
+        try:
+            checkpointing.atomic_write(path, lambda target: parent_save(target, exclude, include), suffix="zip")
+        finally:
+            if not loaded:
+                self._resume_state = None
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfDreamerV2],
+        path: Union[str, pathlib.Path, io.BufferedIOBase],
+        env: GymEnv | None = None,
+        device: Union[th.device, str] = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfDreamerV2:
+        """SB3's ``load``, after checking that ``path`` is an intact DreamerV2 zip (clear ``ValueError`` otherwise)."""
+        required = ["data", "policy.pth", *(f"policy.{name}.pth" for name in TORCH_OPTIMIZERS)]
+        checkpointing.check_model_file(path, required)
+        return super().load(path, env, device, custom_objects, print_system_info, force_reset, **kwargs)
+
+    def save_replay_buffer(self, path: Union[str, pathlib.Path, io.BufferedIOBase]) -> None:
+        """Pickle the replay buffer atomically (temporary file + ``os.replace``)."""
+        parent_save = super().save_replay_buffer
+        checkpointing.atomic_write(path, parent_save, suffix="pkl")
+
+    def load_replay_buffer(self, path: Union[str, pathlib.Path, io.BufferedIOBase], truncate_last_traj: bool = True) -> None:
+        """Load a buffer saved by :meth:`save_replay_buffer`; a file that is unreadable or does not fit this model raises
+        ``ValueError`` and leaves the current buffer in place. ``truncate_last_traj`` is accepted for SB3/zoo
+        compatibility: the trajectory cut is handled by ``learn`` (see ``docs/resume.md``)."""
+        self.replay_buffer = checkpointing.load_sequence_buffer(path, self, self.replay_buffer_class or SequenceReplayBuffer)
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         super().set_env(env, force_reset)
@@ -337,6 +439,11 @@ class DreamerV2(OffPolicyAlgorithm):
         return [
             *super()._excluded_save_params(),
             "_last_state",
+            "_step_pending",
+            "_rollout_callback",
+            "_stopped_step",
+            "_first_chunk",
+            "_chunk_offset",
             "_actor_lr_schedule",
             "_critic_lr_schedule",
             "_entropy_schedule",
@@ -344,5 +451,5 @@ class DreamerV2(OffPolicyAlgorithm):
         ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
-        return ["policy", "policy.model_optimizer", "policy.actor_optimizer", "policy.critic_optimizer"], []
+        return ["policy", *(f"policy.{name}" for name in TORCH_OPTIMIZERS)], []
 

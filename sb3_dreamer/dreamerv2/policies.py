@@ -159,6 +159,15 @@ class DreamerV2Policy(BasePolicy):
         :return: (env actions, next state)
         """
         self.set_training_mode(False)
+        if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
+            raise ValueError("You have passed a tuple to the predict() function instead of a Numpy array or a Dict. "
+                             "You are probably mixing Gym API with SB3 VecEnv API: `obs, info = env.reset()` (Gym) "
+                             "vs `obs = vec_env.reset()` (SB3 VecEnv).")
+        if isinstance(self.observation_space, spaces.Dict) and not (
+            isinstance(observation, dict) and set(observation) == set(self.observation_space.spaces)
+        ):  # SB3 would fail with a KeyError or an IndexError
+            given = sorted(observation) if isinstance(observation, dict) else type(observation).__name__
+            raise ValueError(f"Dict observations need exactly the keys {sorted(self.observation_space.spaces)}, got {given}.")
         obs_tensor, vectorized = self.obs_to_tensor(observation)
         first = next(iter(obs_tensor.values())) if isinstance(obs_tensor, dict) else obs_tensor
         n_envs = first.shape[0]
