@@ -256,11 +256,17 @@ def main(argv: list[str] | None = None) -> int:
                 and json.loads(job_path(*j[:4], args.quick).read_text()).get("status") == "ok"]
         todo = [j for j in jobs if j not in done]
         print(f"{len(todo)} jobs to run ({len(done)} already done)", flush=True)
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for record in pool.map(run_job, *zip(*todo)) if todo else []:
-                failed += record["status"] != "ok"
-                print(f"{record['variant']:>16} seed {record['seed']}: {record['status']} "
-                      f"final={record.get('final_return')} ({record['wall_s']} s) {record.get('error', '')}", flush=True)
+        if args.jobs > 1:
+            pool = ProcessPoolExecutor(max_workers=args.jobs)
+            records = pool.map(run_job, *zip(*todo)) if todo else iter(())
+        else:  # in this process
+            pool, records = None, (run_job(*job) for job in todo)
+        for record in records:
+            failed += record["status"] != "ok"
+            print(f"{record['variant']:>16} seed {record['seed']}: {record['status']} "
+                  f"final={record.get('final_return')} ({record['wall_s']} s) {record.get('error', '')}", flush=True)
+        if pool is not None:
+            pool.shutdown()
     markdown, path = report(args.env, budget, args.quick, variants)
     print(markdown)
     print(f"report: {path}")
