@@ -125,14 +125,15 @@ class ConvEncoder(nn.Module):
             width = (width + 2 * padding - kernel) // stride + 1
             self.sizes.append((height, width))
             in_ch = out_ch
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers).to(memory_format=th.channels_last)  # oneDNN's fast layout (~30% on CPU)
         self.kernel, self.stride, self.padding = kernel, stride, padding
         self.out_shape = (in_ch, height, width)
         self.output_dim = int(np.prod(self.out_shape))
 
     def forward(self, image: th.Tensor) -> th.Tensor:
         batch = image.shape[:-3]
-        out = self.net(image.reshape(-1, *image.shape[-3:]))  # [prod(batch), C', H', W']
+        image = image.reshape(-1, *image.shape[-3:]).contiguous(memory_format=th.channels_last)
+        out = self.net(image)  # [prod(batch), C', H', W']
         return out.reshape(*batch, self.output_dim)
 
 
@@ -159,11 +160,12 @@ class ConvDecoder(nn.Module):
             in_ch = out_ch
         if n_layers == 0:
             layers.append(nn.Conv2d(in_ch, channels, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers).to(memory_format=th.channels_last)
 
     def forward(self, features: th.Tensor) -> th.Tensor:
         batch = features.shape[:-1]
         x = F.elu(self.linear(features)).reshape(-1, *self.in_shape)  # [prod(batch), C', H', W']
+        x = x.contiguous(memory_format=th.channels_last)
         out = self.net(x)
         return out.reshape(*batch, *out.shape[1:])
 

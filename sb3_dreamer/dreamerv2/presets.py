@@ -9,7 +9,7 @@
 from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(deter_size=200, hidden_size=200, stoch_size=16, classes=16, mlp_layers=2, mlp_units=200, cnn_depth=16),
+    "small": dict(deter_size=128, hidden_size=128, stoch_size=16, classes=16, mlp_layers=2, mlp_units=128, cnn_depth=16),
     "medium": dict(deter_size=400, hidden_size=400, stoch_size=32, classes=32, mlp_layers=3, mlp_units=300, cnn_depth=32),
     "atari": dict(deter_size=600, hidden_size=600, stoch_size=32, classes=32, mlp_layers=4, mlp_units=400, cnn_depth=48),
 }
