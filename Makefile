@@ -10,7 +10,8 @@ STEPS ?= 20000
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch>=2.3"
+	# any torch>=2.3 works; prefer the CPU wheel where one is available locally (much smaller than a CUDA build)
+	$(PY) -m pip install --quiet "torch==2.13.0" 2>/dev/null || $(PY) -m pip install --quiet "torch>=2.3"
 	$(PY) -m pip install --quiet -e ".[zoo,tests]"
 	touch $@
 
