@@ -29,15 +29,6 @@ def make_model(policy_kwargs: dict | None = None, **kwargs) -> DreamerV2:
                      **{**ALGO, **kwargs})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks on a shared CPU: one torch thread is faster (restored afterwards)."""
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def batch():
     """A replayed batch [4, 8] of MinAtar Breakout (random prefill only, no training)."""

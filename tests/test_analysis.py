@@ -36,15 +36,6 @@ TINY = dict(deter_size=32, hidden_size=32, stoch_size=4, classes=4, mlp_layers=1
 CELL = 10 * default_scale(10, 10)  # rendered size of a 10x10 MinAtar frame
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks on a shared CPU: one torch thread is faster (restored afterwards)."""
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     th.manual_seed(0)

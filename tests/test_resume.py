@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from helpers import RecordingLogger
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
-from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.save_util import load_from_pkl
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -64,19 +64,6 @@ class RandomWalkEnv(gym.Env):
 
 def make_venv(n_envs: int = 1, **env_kwargs) -> DummyVecEnv:
     return DummyVecEnv([lambda: Monitor(RandomWalkEnv(**env_kwargs)) for _ in range(n_envs)])
-
-
-class RecordingLogger(Logger):
-    """Keeps every ``train/*`` value recorded (SB3 overwrites them between dumps)."""
-
-    def __init__(self, sink: list) -> None:
-        super().__init__(folder=None, output_formats=[])
-        self.sink = sink
-
-    def record(self, key, value, exclude=None) -> None:
-        if key.startswith("train/"):
-            self.sink.append((key, float(value)))
-        super().record(key, value, exclude)
 
 
 class StopAt(BaseCallback):

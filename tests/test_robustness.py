@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from helpers import RecordingLogger
 from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.save_util import load_from_pkl
 from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -58,17 +58,6 @@ class WalkEnv(gym.Env):
         if self.endless:
             return self.x.copy(), reward, False, False, {}
         return self.x.copy(), reward, bool(self.np_random.random() < 0.05), self.t >= 25, {}
-
-
-class RecordingLogger(Logger):
-    def __init__(self, sink: list) -> None:
-        super().__init__(folder=None, output_formats=[])
-        self.sink = sink
-
-    def record(self, key, value, exclude=None) -> None:
-        if key.startswith("train/"):
-            self.sink.append((key, float(value)))
-        super().record(key, value, exclude)
 
 
 def _snapshot(module: th.nn.Module, optimizer: th.optim.Optimizer) -> tuple[list[th.Tensor], dict]:
