@@ -117,6 +117,14 @@ class TestNetworks:
         assert [m.out_channels for m in encoder.net if isinstance(m, th.nn.Conv2d)] == [48, 96, 192, 384]
         assert encoder.out_shape == (384, 2, 2)
 
+    def test_paper_atari_decoder_layout(self):
+        encoder = MultiEncoder(spaces.Box(0, 255, (1, 64, 64), np.uint8), cnn_depth=48, mlp_layers=1, mlp_units=8)
+        decoder = MultiDecoder(1624, encoder, mlp_layers=1, mlp_units=8).cnns["obs"]
+        deconvs = [m for m in decoder.net if isinstance(m, th.nn.ConvTranspose2d)]
+        assert decoder.linear.out_features == 32 * 48
+        assert [m.kernel_size[0] for m in deconvs] == [5, 5, 6, 6]
+        assert [m.out_channels for m in deconvs] == [192, 96, 48, 1]
+
     def test_channel_last_bool_grid_is_moved_to_channel_first(self):
         space = spaces.Box(0, 1, (10, 10, 4), bool)
         encoder = MultiEncoder(space, cnn_depth=4, mlp_layers=1, mlp_units=8)

@@ -138,12 +138,36 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Transposed CNN mirroring a :class:`ConvEncoder`: features ``[*, F]`` to an image ``[*, C, H, W]``."""
+    """Transposed CNN from features ``[*, F]`` to an image ``[*, C, H, W]``.
+
+    64x64 images use the official DreamerV2 decoder: a dense layer to ``32 * depth`` channels at 1x1, then transposed
+    convolutions with kernels 5, 5, 6, 6 and stride 2 (1 -> 5 -> 13 -> 30 -> 64) and depths 4, 2, 1 x ``depth``. Other
+    sizes mirror the encoder, with output padding that reproduces the exact input size.
+    """
 
     def __init__(self, feature_dim: int, encoder: ConvEncoder, channels: int) -> None:
         super().__init__()
-        self.in_shape = encoder.out_shape
-        self.linear = nn.Linear(feature_dim, encoder.output_dim)
+        depth = encoder.net[0].out_channels if len(encoder.net) else channels
+        self.paper_layout = encoder.sizes[0] == (64, 64) and encoder.stride == 2
+        if self.paper_layout:
+            self.in_shape: tuple[int, ...] = (32 * depth, 1, 1)
+            self.linear = nn.Linear(feature_dim, 32 * depth)
+            layers: list[nn.Module] = []
+            in_ch = 32 * depth
+            for i, kernel in enumerate((5, 5, 6, 6)):
+                out_ch = channels if i == 3 else 2 ** (2 - i) * depth
+                layers.append(nn.ConvTranspose2d(in_ch, out_ch, kernel, 2))
+                if i < 3:
+                    layers.append(nn.ELU())
+                in_ch = out_ch
+        else:
+            self.in_shape = encoder.out_shape
+            self.linear = nn.Linear(feature_dim, encoder.output_dim)
+            layers = self._mirror(encoder, channels)
+        self.net = nn.Sequential(*layers).to(memory_format=th.channels_last)
+
+    @staticmethod
+    def _mirror(encoder: ConvEncoder, channels: int) -> list[nn.Module]:
         layers: list[nn.Module] = []
         sizes = encoder.sizes
         n_layers = len(sizes) - 1
@@ -160,12 +184,14 @@ class ConvDecoder(nn.Module):
             in_ch = out_ch
         if n_layers == 0:
             layers.append(nn.Conv2d(in_ch, channels, 1))
-        self.net = nn.Sequential(*layers).to(memory_format=th.channels_last)
+        return layers
 
     def forward(self, features: th.Tensor) -> th.Tensor:
         batch = features.shape[:-1]
-        x = F.elu(self.linear(features)).reshape(-1, *self.in_shape)  # [prod(batch), C', H', W']
-        x = x.contiguous(memory_format=th.channels_last)
+        x = self.linear(features)
+        if not self.paper_layout:  # the official decoder has no activation after its input layer
+            x = F.elu(x)
+        x = x.reshape(-1, *self.in_shape).contiguous(memory_format=th.channels_last)  # [prod(batch), C', H', W']
         out = self.net(x)
         return out.reshape(*batch, *out.shape[1:])
 
