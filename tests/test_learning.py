@@ -11,9 +11,10 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from sb3_dreamer import DreamerV2
 from sb3_dreamer.zoo import HYPERPARAMS_DIR
 
-#: Env steps allowed to reach the CartPole threshold. The zoo entry reached a mean evaluation of 475+ within 15k steps in
-#: the committed benchmark runs (benchmarks/results/REPORT.md); the budget leaves room for seed-to-seed variation.
-CARTPOLE_BUDGET = 30_000
+#: Env steps allowed to reach the CartPole threshold: the issue's bar is "fewer env steps than the zoo's tuned DQN",
+#: which gets there at about 50k. Not yet seen to pass: the committed runs (benchmarks/results/REPORT.md) plateau at
+#: 200-300 within 15-25k steps (the actor's entropy collapses early); see the notes on issue 2.
+CARTPOLE_BUDGET = 50_000
 
 
 @pytest.mark.slow
