@@ -246,8 +246,7 @@ class DreamerV2(OffPolicyAlgorithm):
         else:
             state, prev_action = self._last_state
             starts = th.as_tensor(self._last_episode_starts, device=self.device).bool()
-        self.policy.set_training_mode(False)
-        with th.no_grad():
+        with th.no_grad():  # eval mode: collect_rollouts sets it once per rollout
             action, post = self.policy.step(obs, state, prev_action, starts, deterministic=False)
         self._last_state = (post, action)
         buffer_actions = codec.model_to_buffer(action)
