@@ -180,7 +180,7 @@ def test_logging_keys_and_tensorboard(tiny_kwargs, tmp_path, capsys):
     out = capsys.readouterr().out
     for key in ("model_loss", "reward_loss", "discount_loss", "kl", "prior_entropy", "posterior_entropy", "actor_loss",
                 "actor_entropy", "critic_loss", "imagined_return", "value_mean", "model_grad_norm", "actor_grad_norm",
-                "critic_grad_norm", "learning_rate", "actor_lr", "critic_lr", "obs_loss", "n_updates", "fps"):
+                "critic_grad_norm", "return_scale", "learning_rate", "actor_lr", "critic_lr", "obs_loss", "n_updates", "fps"):
         assert f"| {key} " in out or f"|    {key} " in out, key
     runs = os.listdir(tmp_path)
     assert runs and runs[0].startswith("DreamerV2")
@@ -262,6 +262,23 @@ def test_schedules_and_actor_gradient_modes(tiny_kwargs):
     assert 0.9 < model.reinforce_mix() <= 1.0
     assert DreamerV2("MlpPolicy", "Pendulum-v1", **tiny_kwargs).reinforce_mix() == 0.0
     assert DreamerV2("MlpPolicy", "CartPole-v1", **tiny_kwargs).reinforce_mix() == 1.0
+
+
+def test_return_normalization_is_opt_in_logged_and_saved(tiny_kwargs, tmp_path):
+    plain = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, **tiny_kwargs)
+    plain.learn(200)
+    assert plain.policy.actor_critic.return_normalizer.percentiles.tolist() == [0.0, 0.0]  # off by default
+    assert plain.logger.name_to_value["train/return_scale"] == 1.0
+
+    model = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, return_normalization=True, **tiny_kwargs)
+    model.learn(200)
+    percentiles = model.policy.actor_critic.return_normalizer.percentiles.clone()
+    assert percentiles[1] > percentiles[0]  # moved towards the imagined returns' P95 / P5
+    assert model.logger.name_to_value["train/return_scale"] >= 1.0
+    model.save(tmp_path / "model.zip")
+    loaded = DreamerV2.load(tmp_path / "model.zip")
+    assert loaded.return_normalization
+    th.testing.assert_close(loaded.policy.actor_critic.return_normalizer.percentiles, percentiles)
 
 
 def test_replay_buffer_save_load_round_trip(tiny_kwargs, tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch as th
 from torch.nn import functional as F
 
+from sb3_dreamer.common.actor_critic import ReturnNormalizer
 from sb3_dreamer.common.distributions import straight_through_onehot
 from sb3_dreamer.common.losses import actor_objective, critic_loss, discount_weights, kl_balance, lambda_return
 
@@ -147,3 +148,34 @@ class TestActorCriticLosses:
         assert loss.item() == pytest.approx((0.5 * 4 + 0.5 * 0.5 * 9) / 2)
         (grad,) = th.autograd.grad(loss, values)
         assert grad.squeeze(-1).tolist() == pytest.approx([-1.0, -0.75])
+
+
+class TestReturnNormalization:
+    def test_return_scale_divides_the_advantage_and_the_return_but_not_the_entropy(self):
+        log_probs = column(-0.5, -1.0).requires_grad_()
+        returns = column(3.0, 5.0).requires_grad_()
+        baseline, entropy, weights = column(1.0, 4.0), column(0.6, 0.2), column(1.0, 0.5)
+        # -(1·(-0.5·(3-1)/4 + 0.1·0.6) + 0.5·(-1·(5-4)/4 + 0.1·0.2)) / 2 = -(-0.19 - 0.115) / 2
+        loss = actor_objective(log_probs, entropy, returns, baseline, weights, 1.0, 0.1, return_scale=4.0)
+        assert loss.item() == pytest.approx(0.1525)
+        (grad,) = th.autograd.grad(loss, log_probs)
+        assert grad.squeeze(-1).tolist() == pytest.approx([-0.25, -0.0625])  # -w · (R - v) / (S · N)
+        dynamics = actor_objective(log_probs, entropy, returns, baseline, weights, 0.0, 0.0, return_scale=4.0)
+        (grad,) = th.autograd.grad(dynamics, returns)
+        assert grad.squeeze(-1).tolist() == pytest.approx([-0.125, -0.0625])
+
+    def test_normalizer_tracks_the_percentile_spread_with_a_floor_of_one(self):
+        normalizer = ReturnNormalizer(decay=0.5)
+        returns = th.arange(101, dtype=th.float32)  # P5 = 5, P95 = 95
+        assert normalizer.update(returns).item() == pytest.approx(45.0)  # EMA from 0: (2.5, 47.5)
+        assert normalizer.percentiles.tolist() == pytest.approx([2.5, 47.5])
+        assert normalizer.update(returns).item() == pytest.approx(67.5)  # (3.75, 71.25)
+        small = ReturnNormalizer(decay=0.0)
+        assert small.update(th.linspace(0.0, 0.5, 11)).item() == 1.0  # a spread below 1 is not amplified
+
+    def test_normalizer_state_is_saved_with_the_module(self):
+        normalizer = ReturnNormalizer(decay=0.5)
+        normalizer.update(th.arange(101, dtype=th.float32))
+        restored = ReturnNormalizer(decay=0.5)
+        restored.load_state_dict(normalizer.state_dict())
+        assert restored.scale().item() == pytest.approx(45.0)

@@ -32,6 +32,36 @@ class BehaviourLosses(NamedTuple):
     metrics: dict[str, th.Tensor]
 
 
+class ReturnNormalizer(nn.Module):
+    """Return scale S = max(1, EMA(P95(V^λ)) - EMA(P5(V^λ))), DreamerV3's return normalization (an opt-in here).
+
+    Dividing the advantages by S keeps the entropy scale η meaningful whatever the size of the returns: with dense
+    rewards (CartPole's +1 per step gives returns near 1 / (1 - γ)) the Reinforce term otherwise dwarfs η · H[π] and the
+    actor's entropy collapses. Returns spread over less than one unit are left unscaled, so sparse small rewards are not
+    amplified. The moving percentiles are buffers: they are saved and restored with the policy.
+
+    :param decay: EMA decay of the percentiles
+    :param low: lower percentile (fraction)
+    :param high: upper percentile (fraction)
+    """
+
+    def __init__(self, decay: float = 0.99, low: float = 0.05, high: float = 0.95) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("quantiles", th.tensor([low, high]))
+        self.register_buffer("percentiles", th.zeros(2))  # EMA of the (low, high) percentiles, 0 before any update
+
+    def update(self, returns: th.Tensor) -> th.Tensor:
+        """Move the percentiles towards those of ``returns`` (any shape) and return the new scale S (a scalar)."""
+        batch = th.quantile(returns.detach().flatten().float(), self.quantiles)
+        self.percentiles.mul_(self.decay).add_((1 - self.decay) * batch)
+        return self.scale()
+
+    def scale(self) -> th.Tensor:
+        """S = max(1, high - low)."""
+        return th.clamp(self.percentiles[1] - self.percentiles[0], min=1.0)
+
+
 class ActorCritic(nn.Module):
     """Actor, critic and slow (target) critic.
 
@@ -48,6 +78,7 @@ class ActorCritic(nn.Module):
         self.critic = mlp(feature_dim, 1, mlp_layers, mlp_units)
         self.slow_critic = copy.deepcopy(self.critic)
         self.slow_critic.requires_grad_(False)
+        self.return_normalizer = ReturnNormalizer()
 
     def policy(self, features: th.Tensor) -> ActionDistribution:
         """π(· | s_t) from features ``[N, F]``."""
@@ -92,6 +123,7 @@ class ActorCritic(nn.Module):
         reinforce_mix: float,
         entropy_coef: float,
         predict_discount: bool = True,
+        normalize_returns: bool = False,
     ) -> BehaviourLosses:
         """Imagine from ``start`` and compute the actor and critic losses.
 
@@ -104,6 +136,7 @@ class ActorCritic(nn.Module):
         :param reinforce_mix: ρ
         :param entropy_coef: η
         :param predict_discount: use the discount head (else a constant γ)
+        :param normalize_returns: divide advantages by the return scale S (:class:`ReturnNormalizer`), else S = 1
         """
         backprop = reinforce_mix < 1  # dynamics backpropagation needs gradients through the imagined returns
         trajectory = self.imagine(world_model, start, horizon, backprop)
@@ -119,11 +152,12 @@ class ActorCritic(nn.Module):
             values = self.value(features, slow=True)  # [H + 1, N]
             returns = lambda_return(rewards, values[:-1], discounts, values[-1], lambda_)  # [H, N]
         weights = discount_weights(discounts)  # [H, N]
+        return_scale = self.return_normalizer.update(returns) if normalize_returns else th.ones((), device=returns.device)
 
         # The actor at s_t (t = 0 .. H - 2) is judged by V^λ_{t+1}, with the slow critic's v(s_t) as baseline.
         actor_loss = actor_objective(
             trajectory.log_probs[:-1], trajectory.entropy[:-1], returns[1:], values[:-2].detach(), weights[:-1],
-            reinforce_mix, entropy_coef,
+            reinforce_mix, entropy_coef, return_scale,
         )
         critic_values = self.value(features[:-1].detach())  # [H, N]
         critic_loss_value = critic_loss(critic_values, returns, weights)
@@ -132,6 +166,7 @@ class ActorCritic(nn.Module):
             "actor_entropy": trajectory.entropy.mean().detach(),
             "critic_loss": critic_loss_value.detach(),
             "imagined_return": returns.mean().detach(),
+            "return_scale": return_scale,
             "imagined_reward": rewards.mean().detach(),
             "value_mean": critic_values.mean().detach(),
         }

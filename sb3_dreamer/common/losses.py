@@ -81,8 +81,11 @@ def actor_objective(
     weights: th.Tensor,
     reinforce_mix: float,
     entropy_coef: float,
+    return_scale: float | th.Tensor = 1.0,
 ) -> th.Tensor:
-    """Actor loss: -E[w · (ρ · ln π(a|s) · sg(V^λ - v) + (1 - ρ) · V^λ + η · H[π])].
+    """Actor loss: -E[w · (ρ · ln π(a|s) · sg(V^λ - v) / S + (1 - ρ) · V^λ / S + η · H[π])].
+
+    S is 1 in DreamerV2; return normalization (DreamerV3, opt-in) sets it to the spread of the returns, max(1, P95 - P5).
 
     :param log_probs: ln π(a_t | s_t) of the imagined actions: ``[H - 1, N]``
     :param entropy: H[π(· | s_t)]: ``[H - 1, N]``
@@ -91,12 +94,13 @@ def actor_objective(
     :param weights: discount weights: ``[H - 1, N]``
     :param reinforce_mix: ρ (1: Reinforce only, 0: dynamics backpropagation only)
     :param entropy_coef: η
+    :param return_scale: S, divides the advantages and returns (no gradient)
     """
     objective = entropy_coef * entropy
     if reinforce_mix > 0:
-        objective = objective + reinforce_mix * log_probs * (returns - baseline).detach()
+        objective = objective + reinforce_mix * log_probs * ((returns - baseline) / return_scale).detach()
     if reinforce_mix < 1:
-        objective = objective + (1 - reinforce_mix) * returns
+        objective = objective + (1 - reinforce_mix) * returns / return_scale
     return -(weights.detach() * objective).mean()
 
 

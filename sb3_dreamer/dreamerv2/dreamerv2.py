@@ -82,6 +82,9 @@ class DreamerV2(OffPolicyAlgorithm):
         ``"both"``
     :param actor_grad_mix: with ``"both"``, the weight of the dynamics gradient (1 - ρ); float or schedule
     :param actor_entropy_coef: η, the entropy regularizer (float, schedule or ``"linear(a, b)"``)
+    :param return_normalization: divide the actor's advantages by the spread of the imagined returns,
+        max(1, P95 - P5) as a moving average (DreamerV3; not in DreamerV2). Helps with dense rewards (e.g. CartPole),
+        where returns of order 1 / (1 - γ) otherwise drown the entropy regularizer
     :param target_update_interval: gradient steps between hard copies of the critic into the slow critic
     :param max_grad_norm: gradient clipping (global norm per optimizer)
     :param weight_decay: decoupled weight decay per gradient step (parameters scaled by 1 - weight_decay)
@@ -133,6 +136,7 @@ class DreamerV2(OffPolicyAlgorithm):
         actor_grad: str = "auto",
         actor_grad_mix: ScheduleLike = 0.1,
         actor_entropy_coef: ScheduleLike = 1e-3,
+        return_normalization: bool = False,
         target_update_interval: int = 100,
         max_grad_norm: float = 100.0,
         weight_decay: float = 1e-6,
@@ -180,6 +184,7 @@ class DreamerV2(OffPolicyAlgorithm):
         self.reconstruction_scale, self.reward_scale, self.discount_scale = reconstruction_scale, reward_scale, discount_scale
         self.reward_transform, self.predict_discount = reward_transform, predict_discount
         self.actor_grad, self.actor_grad_mix, self.actor_entropy_coef = actor_grad, actor_grad_mix, actor_entropy_coef
+        self.return_normalization = return_normalization
         self.target_update_interval = target_update_interval
         self.max_grad_norm, self.weight_decay = max_grad_norm, weight_decay
         self.stop_image_grad, self.stop_reward_grad = stop_image_grad, stop_reward_grad
@@ -302,7 +307,7 @@ class DreamerV2(OffPolicyAlgorithm):
         try:
             behaviour = policy.actor_critic.loss(
                 policy.world_model, start, batch.is_terminal.reshape(-1), self.imagination_horizon, self.gamma,
-                self.return_lambda, reinforce_mix, entropy_coef, self.predict_discount,
+                self.return_lambda, reinforce_mix, entropy_coef, self.predict_discount, self.return_normalization,
             )
         finally:
             policy.world_model.requires_grad_(True)
