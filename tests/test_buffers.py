@@ -262,3 +262,29 @@ def test_inherited_transition_sampling_is_refused():
     buf = SequenceReplayBuffer(10, SCALAR_OBS, spaces.Discrete(2), sequence_length=2)
     with pytest.raises(NotImplementedError, match="sample"):
         buf._get_samples(np.array([0]))
+
+
+def test_vec_normalize_statistics_apply_at_sampling_time():
+    """Raw values are stored; ``sample(env=VecNormalize)`` normalizes them with the env's current statistics."""
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    venv = VecNormalize(DummyVecEnv([lambda: gym.make("CartPole-v1")]), norm_obs=True, norm_reward=True, clip_obs=1e6)
+    venv.obs_rms.mean[:] = [1.0, 2.0, 3.0, 4.0]
+    venv.obs_rms.var[:] = [4.0, 4.0, 4.0, 4.0]
+    venv.ret_rms.var = np.array(16.0)
+    space = spaces.Box(-1e6, 1e6, (4,), np.float32)
+    buf = SequenceReplayBuffer(50, space, spaces.Discrete(2), n_envs=1, sequence_length=3, seed=0)
+    for t in range(6):
+        obs = np.full((1, 4), t, np.float32)
+        buf.add(obs, obs + 1, np.array([0]), np.array([2.0], np.float32), np.array([False]), [{}])
+    buf.rng = np.random.default_rng(0)
+    normalized = buf.sample(4, env=venv)
+    buf.rng = np.random.default_rng(0)
+    raw = buf.sample(4)  # the same windows
+    assert buf.observations.max() == 6  # stored raw
+    expected = (raw.observations.numpy() - np.array([1.0, 2.0, 3.0, 4.0])) / np.sqrt(4.0 + venv.epsilon)
+    np.testing.assert_allclose(normalized.observations.numpy(), expected, rtol=1e-5)
+    assert normalized.observations.dtype == th.float32
+    # rewards are divided by the return std (no centring)
+    np.testing.assert_allclose(normalized.rewards.numpy(), raw.rewards.numpy() / np.sqrt(16.0 + venv.epsilon), rtol=1e-5)

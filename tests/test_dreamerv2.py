@@ -281,6 +281,22 @@ def test_return_normalization_is_opt_in_logged_and_saved(tiny_kwargs, tmp_path):
     th.testing.assert_close(loaded.policy.actor_critic.return_normalizer.percentiles, percentiles)
 
 
+def test_vec_normalize_env_trains_on_normalized_observations(tiny_kwargs, monkeypatch):
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    venv = VecNormalize(make_vec_env("CartPole-v1", n_envs=2, seed=0), norm_obs=True, norm_reward=False)
+    model = DreamerV2("MlpPolicy", venv, seed=0, **tiny_kwargs)
+    seen = []
+    sample = model.replay_buffer_class.sample
+    monkeypatch.setattr(model.replay_buffer_class, "sample",
+                        lambda self, n, env=None: seen.append(env) or sample(self, n, env=env))
+    model.learn(200)
+    assert seen and all(env is venv for env in seen)  # the training batches are normalized by the env's statistics
+    stored = model.replay_buffer.observations[: model.replay_buffer.pos]
+    assert np.abs(stored[..., 2]).max() < 0.25 < np.abs(venv.normalize_obs(stored)[..., 2]).max()  # stored raw
+    assert model.get_vec_normalize_env() is venv
+
+
 def test_replay_buffer_save_load_round_trip(tiny_kwargs, tmp_path):
     model = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, **tiny_kwargs)
     model.learn(100)

@@ -8,7 +8,7 @@ holds s_t and the action a_{t-1} that led to it (zeros at t = 0), as in the offi
 """
 
 import copy
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch as th
 from torch import nn
@@ -48,8 +48,13 @@ class ReturnNormalizer(nn.Module):
     def __init__(self, decay: float = 0.99, low: float = 0.05, high: float = 0.95) -> None:
         super().__init__()
         self.decay = decay
-        self.register_buffer("quantiles", th.tensor([low, high]))
+        self.register_buffer("quantiles", th.tensor([low, high]), persistent=False)
         self.register_buffer("percentiles", th.zeros(2))  # EMA of the (low, high) percentiles, 0 before any update
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Models saved before return normalization existed have no percentiles: start them at zero.
+        state_dict.setdefault(prefix + "percentiles", th.zeros_like(self.percentiles))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def update(self, returns: th.Tensor) -> th.Tensor:
         """Move the percentiles towards those of ``returns`` (any shape) and return the new scale S (a scalar)."""

@@ -242,7 +242,8 @@ class SequenceReplayBuffer(ReplayBuffer):
         ``is_first[:, 0]`` is forced True (and ``actions[:, 0]`` zeroed) since the model starts from a zero state.
 
         :param batch_size: Number B of windows
-        :param env: Accepted for SB3 compatibility and ignored (raw observations are stored and returned)
+        :param env: the VecNormalize wrapper, if any: observations and rewards are stored raw and normalized here with
+            its current statistics (as SB3's ReplayBuffer does)
         :return: ``SequenceSamples`` of ``[B, T, ...]`` tensors on ``self.device``
         """
         T = self.sequence_length
@@ -261,7 +262,13 @@ class SequenceReplayBuffer(ReplayBuffer):
         rows = (oldest[env_idx, None] + offset[:, None] + np.arange(T)) % self.rows  # [B, T]
         cols = env_idx[:, None]  # [B, 1], broadcast against rows
 
-        obs = {key: th.as_tensor(arr[rows, cols], device=self.device) for key, arr in self._obs_arrays().items()}
+        obs_arrays = {key: arr[rows, cols] for key, arr in self._obs_arrays().items()}
+        rewards = self.rewards[rows, cols]  # type: ignore[index]
+        if env is not None:  # VecNormalize: raw values are stored, normalized with the env's current statistics
+            normalized = env.normalize_obs(obs_arrays if self.is_dict_obs else obs_arrays[None])
+            obs_arrays = normalized if self.is_dict_obs else {None: normalized}  # type: ignore[dict-item]
+            rewards = env.normalize_reward(rewards).astype(np.float32)
+        obs = {key: th.as_tensor(arr, device=self.device) for key, arr in obs_arrays.items()}
         actions = self.actions[rows, cols]  # type: ignore[index]
         actions[:, 0] = 0.0
         is_first = self.is_first[rows, cols]  # type: ignore[index]
@@ -269,7 +276,7 @@ class SequenceReplayBuffer(ReplayBuffer):
         return SequenceSamples(
             observations=obs if self.is_dict_obs else obs[None],  # type: ignore[arg-type]
             actions=th.as_tensor(actions, device=self.device),
-            rewards=th.as_tensor(self.rewards[rows, cols], device=self.device),  # type: ignore[index]
+            rewards=th.as_tensor(rewards, device=self.device),
             is_first=th.as_tensor(is_first, device=self.device),
             is_terminal=th.as_tensor(self.is_terminal[rows, cols], device=self.device),  # type: ignore[index]
             is_last=th.as_tensor(self.is_last[rows, cols], device=self.device),  # type: ignore[index]
