@@ -284,3 +284,15 @@ def test_peer_results_side_by_side(tmp_path):
     assert "| sb3_cartpole | 900 | 1500 |" in md
     published = peers.render_side_by_side([ours], {}, "cpu")  # no peer folder: the published numbers
     assert "dv2_cartpole_small (published) | 0.45 | 0.88 |" in published
+
+
+def test_runs_stopped_by_hand_count_up_to_where_they_got(tmp_path):
+    root = tmp_path / "learning"
+    write_job(root, "dreamerv2", "CartPole-v1", 0, 50_000, STEPS, [20, 50, 100, 200, 300])
+    write_job(root, "dreamerv2", "CartPole-v1", 1, 50_000, STEPS[:2], [480, 60], status="stopped")
+    rows = report.aggregate(report.find_runs(root), budgets={"CartPole-v1": [10_000, 50_000]})
+    (row,) = rows
+    assert row.n_seeds == 2 and row.n_stopped == 1 and row.n_failed == 0
+    assert row.cells[10_000].n == 2 and row.cells[50_000].n == 1  # the stopped seed counts only where it got
+    assert row.threshold_reached == 1
+    assert "| 2 (1 stopped early) |" in report.render_env_table(rows)
