@@ -163,9 +163,9 @@ def test_actor_grad_selects_the_gradient_estimator(batch, monkeypatch, actor_gra
     seen = {}
     original = actor_critic_module.actor_objective
 
-    def spy(log_probs, entropy, returns, baseline, weights, reinforce_mix, entropy_coef):
+    def spy(log_probs, entropy, returns, baseline, weights, reinforce_mix, entropy_coef, *rest):
         seen.update(returns_grad=returns.requires_grad, mix=reinforce_mix)
-        return original(log_probs, entropy, returns, baseline, weights, reinforce_mix, entropy_coef)
+        return original(log_probs, entropy, returns, baseline, weights, reinforce_mix, entropy_coef, *rest)
 
     monkeypatch.setattr(actor_critic_module, "actor_objective", spy)
     wm, ac = model.policy.world_model, model.policy.actor_critic
