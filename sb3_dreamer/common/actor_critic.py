@@ -36,9 +36,9 @@ class ReturnNormalizer(nn.Module):
     """Return scale S = max(1, EMA(P95(V^λ)) - EMA(P5(V^λ))), DreamerV3's return normalization (an opt-in here).
 
     Dividing the advantages by S keeps the entropy scale η meaningful whatever the size of the returns: with dense
-    rewards (CartPole's +1 per step gives returns near 1 / (1 - γ)) the Reinforce term otherwise dwarfs η · H[π] and the
-    actor's entropy collapses. Returns spread over less than one unit are left unscaled, so sparse small rewards are not
-    amplified. The moving percentiles are buffers: they are saved and restored with the policy.
+    rewards (returns near 1 / (1 - γ)) the Reinforce term can otherwise dwarf η · H[π]. Returns spread over less than
+    one unit are left unscaled, so sparse small rewards are not amplified. The moving percentiles are buffers: they are
+    saved and restored with the policy.
 
     :param decay: EMA decay of the percentiles
     :param low: lower percentile (fraction)
