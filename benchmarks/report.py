@@ -324,6 +324,83 @@ def fmt_wall(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+@dataclasses.dataclass
+class Comparison:
+    """DreamerV2 beside DQN (untagged runs) on one measure of one env."""
+
+    env: str
+    measure: str  # "return @ 100k" or "seeds ≥ 475 within 20k"
+    dreamer: str
+    dqn: str
+    ahead: str  # "DreamerV2", "DQN" or "tie"
+    within_spread: bool  # the difference is smaller than the larger of the two seed stds
+    budget: int | None = None  # the return budget (None for steps-to-threshold)
+
+
+def head_to_head(rows: Sequence[Row], usable: Mapping[tuple[str, str], Sequence[Run]],
+                 first: str = "dreamerv2", second: str = "dqn") -> list[Comparison]:
+    """Who is ahead, env by env: the return at every report budget both reached, then steps-to-threshold.
+
+    Steps-to-threshold is compared on equal footing: at the smallest env steps every seed of both algorithms reached
+    (runs of different lengths would otherwise favour the longer one), the number of seeds that reached the threshold
+    by then, ties broken by the mean steps of those seeds (fewer is better).
+    """
+    out: list[Comparison] = []
+    by_key = {(row.env, row.label): row for row in rows}
+    for env in dict.fromkeys(row.env for row in rows):
+        a, b = by_key.get((env, first)), by_key.get((env, second))
+        if a is None or b is None:
+            continue
+        for budget, cell_a in a.cells.items():
+            cell_b = b.cells.get(budget)
+            if cell_a is None or cell_b is None:
+                continue
+            diff = cell_a.mean - cell_b.mean
+            ahead = "tie" if diff == 0 else (_label(first) if diff > 0 else _label(second))
+            out.append(Comparison(env, f"return @ {fmt_steps(budget)}", fmt_cell(cell_a, a.n_seeds),
+                                  fmt_cell(cell_b, b.n_seeds), ahead, abs(diff) < max(cell_a.std, cell_b.std), budget))
+        threshold = a.threshold
+        runs_a, runs_b = usable.get((env, first), []), usable.get((env, second), [])
+        if threshold is None or not runs_a or not runs_b:
+            continue
+        common = min(int(r.timesteps.max()) for r in (*runs_a, *runs_b) if len(r.timesteps))
+        hits = []
+        for runs in (runs_a, runs_b):
+            steps = [s for s in (steps_to_threshold(r, threshold) for r in runs) if s is not None and s <= common]
+            hits.append((len(steps), float(np.mean(steps)) if steps else math.inf, len(runs)))
+        (n_a, mean_a, seeds_a), (n_b, mean_b, seeds_b) = hits
+        key_a, key_b = (n_a, -mean_a), (n_b, -mean_b)
+        ahead = "tie" if key_a == key_b else (_label(first) if key_a > key_b else _label(second))
+
+        def text(n: int, mean: float, seeds: int) -> str:
+            return f"{n}/{seeds} seeds" + (f", first at {fmt_approx_steps(mean)} on average" if n else "")
+
+        out.append(Comparison(env, f"seeds ≥ {_fmt_value(threshold)} within {fmt_approx_steps(common)}",
+                              text(n_a, mean_a, seeds_a), text(n_b, mean_b, seeds_b), ahead, False))
+    return out
+
+
+def render_head_to_head(comparisons: Sequence[Comparison]) -> str:
+    """The comparison table, then one line per suite budget: on how many of the suite's envs DreamerV2 is ahead."""
+    if not comparisons:
+        return ""
+    lines = ["| env | measure | DreamerV2 | DQN | ahead |", "|---|---|---|---|---|"]
+    for c in comparisons:
+        ahead = c.ahead + (" (within the seed spread)" if c.within_spread else "")
+        lines.append(f"| {c.env} | {c.measure} | {c.dreamer} | {c.dqn} | {ahead} |")
+    lines.append("")
+    for suite in SUITES.values():
+        if len(suite.envs) < 2:
+            continue
+        for budget in suite.report_budgets:
+            measured = [c for c in comparisons if c.env in suite.envs and c.budget == budget]
+            if measured:
+                wins = sum(c.ahead == _label("dreamerv2") for c in measured)
+                lines.append(f"* **{suite.name} @ {fmt_steps(budget)}**: DreamerV2 ahead on {wins} of {len(measured)} "
+                             f"games measured by both ({len(suite.envs)} in the suite).")
+    return "\n".join(lines).rstrip()
+
+
 def _label(label: str) -> str:
     algo, _, rest = label.partition(" ")
     return ALGO_LABELS.get(algo, algo) + (f" {rest}" if rest else "")
@@ -409,6 +486,12 @@ def render_markdown(
         by_env[row.env].append(row)
     if not by_env:
         out += ["No results yet: run `python -m benchmarks.learning --suite cartpole` first.", ""]
+    comparison = render_head_to_head(head_to_head(rows, usable))
+    if comparison:
+        out += ["## DreamerV2 vs DQN", "",
+                "Untagged runs only; *ahead* is the higher mean (for steps-to-threshold: more seeds there within the "
+                "env steps every seed of both reached, then fewer steps). *Within the seed spread*: the difference is "
+                "smaller than the larger of the two standard deviations.", "", comparison, ""]
     for env, env_rows in by_env.items():
         out += [f"## {env}", "", render_env_table(env_rows), ""]
         if env in plots:

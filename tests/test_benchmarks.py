@@ -123,6 +123,45 @@ def test_aggregate_known_table(synthetic):
     assert dreamer_row in table
 
 
+def test_head_to_head_known_verdicts(synthetic, tmp_path):
+    runs = report.find_runs(synthetic)
+    rows = report.aggregate(runs, budgets={"CartPole-v1": [10_000, 50_000]})
+    usable, _ = report.select_runs(runs)
+    at_10k, at_50k, threshold = report.head_to_head(rows, usable)
+    assert (at_10k.measure, at_10k.dreamer, at_10k.ahead) == ("return @ 10k", "25.0 ± 7.1", "DQN")
+    assert at_10k.dqn == f"103.3 ± {np.std([100, 120, 90], ddof=1):.1f}"
+    assert not at_10k.within_spread  # 78.3 apart, stds 7.1 and 15.3
+    assert (at_50k.dreamer, at_50k.ahead, at_50k.within_spread) == ("300.0 ± 0.0 (n=1)", "DQN", False)
+    # the running DreamerV2 seed stopped at 20k, so both are judged within 20k: DQN seed 1 reached 476 at 20k
+    assert threshold.measure == "seeds ≥ 475.0 within 20k"
+    assert (threshold.dreamer, threshold.dqn, threshold.ahead) == ("0/2 seeds", "1/3 seeds, first at 20k on average",
+                                                                   "DQN")
+    text = report.render_head_to_head([at_10k, threshold])
+    assert "| CartPole-v1 | return @ 10k | 25.0 ± 7.1 |" in text
+    assert [line.rsplit("|", 2)[1].strip() for line in text.splitlines()[2:]] == ["DQN", "DQN"]  # the ahead column
+    assert "minatar @" not in text  # no MinAtar game measured
+
+    root = tmp_path / "minatar"
+    for seed, (dv2, dqn) in enumerate([(5.0, 4.0), (6.0, 4.4)]):
+        write_job(root, "dreamerv2", "MinAtar/Breakout-v1", seed, 100_000, [50_000, 100_000], [3.0, dv2])
+        write_job(root, "dqn", "MinAtar/Breakout-v1", seed, 100_000, [50_000, 100_000], [3.0, dqn])
+        write_job(root, "dreamerv2", "MinAtar/Seaquest-v1", seed, 100_000, [50_000, 100_000], [1.0, 2.0])
+        write_job(root, "dqn", "MinAtar/Seaquest-v1", seed, 100_000, [50_000, 100_000], [1.0, 3.0 + seed])
+    runs = report.find_runs(root)
+    comparisons = report.head_to_head(report.aggregate(runs), report.select_runs(runs)[0])
+    verdicts = {(c.env, c.measure): (c.ahead, c.within_spread) for c in comparisons}
+    assert verdicts == {
+        ("MinAtar/Breakout-v1", "return @ 50k"): ("tie", False),
+        ("MinAtar/Breakout-v1", "return @ 100k"): ("DreamerV2", False),  # 5.5 vs 4.2, stds 0.71 and 0.28
+        ("MinAtar/Seaquest-v1", "return @ 50k"): ("tie", False),
+        ("MinAtar/Seaquest-v1", "return @ 100k"): ("DQN", False),  # 2.0 vs 3.5: 1.5 apart, stds 0 and 0.71
+    }
+    text = report.render_head_to_head(comparisons)
+    assert "* **minatar @ 100k**: DreamerV2 ahead on 1 of 2 games measured by both (5 in the suite)." in text
+    assert "* **minatar @ 50k**: DreamerV2 ahead on 0 of 2 games" in text
+    assert "## DreamerV2 vs DQN" in report.render_markdown(report.aggregate(runs), runs)
+
+
 def test_aggregate_missing_data_and_unknown_env(tmp_path):
     root = tmp_path / "learning"
     assert report.aggregate(report.find_runs(root)) == []  # nothing yet
