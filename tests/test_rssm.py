@@ -5,7 +5,8 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from sb3_dreamer.common.distributions import ActionCodec, TruncatedNormalActions
+from sb3_dreamer.common import networks
+from sb3_dreamer.common.distributions import ActionCodec, TruncatedNormalActions, argmax_onehot, straight_through_onehot
 from sb3_dreamer.common.networks import ConvEncoder, MultiDecoder, MultiEncoder
 from sb3_dreamer.common.rssm import RSSM, LayerNormGRUCell
 
@@ -45,6 +46,20 @@ class TestRSSM:
         row1, _ = rssm.obs_step(state._replace(deter=state.deter[1:], stoch=state.stoch[1:]), action[1:], embed[1:],
                                 th.tensor([False]), False)
         th.testing.assert_close(post.deter, th.cat([row0.deter, row1.deter]))
+
+    @pytest.mark.parametrize("classes", [4, 0])
+    def test_filter_step_is_the_posterior_of_obs_step(self, classes):
+        rssm = make_rssm(classes)
+        state = rssm.initial(3, th.device("cpu"))._replace(deter=th.randn(3, 8), stoch=th.rand(3, rssm.stoch_dim))
+        embed, action, first = th.randn(3, 5), th.randn(3, 3), th.tensor([True, False, False])
+        post, prior = rssm.obs_step(state, action, embed, first, sample=False)
+        filtered = rssm.filter_step(state, action, embed, first, sample=False)
+        for got, expected in zip(filtered, post):
+            th.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert not th.equal(prior.stats, post.stats)  # the prior is a different distribution, skipped by filter_step
+        th.manual_seed(3)
+        sampled = rssm.filter_step(state, action, embed, first)
+        th.testing.assert_close(sampled.deter, post.deter, rtol=0, atol=0)  # h_t is deterministic
 
     def test_observe_matches_stepping_and_resets_inside_the_sequence(self):
         rssm = make_rssm()
@@ -112,6 +127,31 @@ class TestNetworks:
         assert encoder(inputs).shape == (2, 3, encoder.output_dim)
         assert decoder(th.randn(2, 3, 12))["obs"].shape == (2, 3, *shape)
 
+    def test_small_batches_use_the_native_cpu_convolution_with_the_same_result(self, monkeypatch):
+        th.manual_seed(0)
+        encoder = ConvEncoder((1, 64, 64), depth=8)
+        images = th.rand(3, 1, 64, 64) - 0.5
+        calls = []
+        original = networks.native_cpu_conv
+
+        def spy():
+            calls.append(th.backends.mkldnn.enabled)
+            return original()
+
+        monkeypatch.setattr(networks, "native_cpu_conv", spy)
+        with th.no_grad():
+            batched = encoder(images)  # 3 > NATIVE_CONV_MAX_BATCH: oneDNN
+            assert calls == []
+            singles = th.cat([encoder(images[i : i + 1]) for i in range(3)])
+        assert len(calls) == 3 and networks.NATIVE_CONV_MAX_BATCH == 2
+        th.testing.assert_close(singles, batched, rtol=1e-5, atol=1e-5)
+
+        enabled = th.backends.mkldnn.enabled
+        with pytest.raises(RuntimeError, match="boom"), networks.native_cpu_conv():
+            assert th.backends.mkldnn.enabled is False
+            raise RuntimeError("boom")
+        assert th.backends.mkldnn.enabled == enabled  # restored, even after an error
+
     def test_paper_atari_encoder_layout(self):
         encoder = ConvEncoder((1, 64, 64), depth=48)
         assert [m.out_channels for m in encoder.net if isinstance(m, th.nn.Conv2d)] == [48, 96, 192, 384]
@@ -173,6 +213,20 @@ class TestActionCodec:
     def test_unsupported_action_spaces_raise(self, space):
         with pytest.raises(ValueError):
             ActionCodec(space)
+
+
+def test_argmax_onehot_matches_torch_one_hot_including_ties():
+    logits = th.tensor([[0.1, 2.0, 2.0, -1.0], [3.0, 0.0, 0.0, 0.0], [-1.0, -2.0, -3.0, -0.5]], dtype=th.float64)
+    got = argmax_onehot(logits)
+    assert got.dtype == th.float64
+    th.testing.assert_close(got, th.nn.functional.one_hot(logits.argmax(-1), 4).double(), rtol=0, atol=0)
+    assert got[0].tolist() == [0.0, 1.0, 0.0, 0.0]  # a tie goes to the first maximum, as argmax
+    th.manual_seed(0)
+    grid = th.randn(16, 32, 32, requires_grad=True)
+    sample = straight_through_onehot(grid)
+    hot = sample.detach() > 0.5
+    assert (hot.sum(-1) == 1).all()  # one hot per variable (+ probs - sg(probs): equal up to rounding)
+    th.testing.assert_close(sample.detach(), hot.float())
 
 
 class TestTruncatedNormal:

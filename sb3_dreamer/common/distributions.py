@@ -12,6 +12,7 @@ Discrete actors sample one-hot actions with straight-through gradients (sample +
 actors use the official truncated normal on [-1, 1] (mean = tanh(x), std = 2 * sigmoid((x + 2) / 2) + min_std).
 """
 
+import functools
 import math
 from abc import ABC, abstractmethod
 
@@ -24,13 +25,23 @@ from torch.nn import functional as F
 SUPPORTED_ACTION_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.Box)
 
 
+def argmax_onehot(logits: th.Tensor) -> th.Tensor:
+    """The one-hot of the largest logit along the last axis, in the logits' dtype.
+
+    Same values as ``F.one_hot(logits.argmax(-1))``, without its range check of the indices (a min/max reduction and a
+    host sync per call, wasted on an argmax), which matters in the per-step loops of acting and imagination.
+    """
+    index = logits.argmax(-1, keepdim=True)
+    return th.zeros_like(logits).scatter_(-1, index, 1.0)
+
+
 def straight_through_onehot(logits: th.Tensor) -> th.Tensor:
     """A one-hot sample from ``logits`` (last axis) whose gradient is that of the probabilities.
 
     sample + probs - sg(probs), with the sample drawn by the Gumbel-max trick (much faster than ``torch.multinomial``).
     """
     gumbel = -th.log(-th.log(th.rand_like(logits).clamp_(1e-20, 1.0 - 1e-7)))
-    sample = F.one_hot((logits.detach() + gumbel).argmax(-1), logits.shape[-1]).to(logits.dtype)
+    sample = argmax_onehot(logits.detach() + gumbel)
     probs = th.softmax(logits, dim=-1)
     return sample + probs - probs.detach()
 
@@ -61,13 +72,17 @@ class OneHotActions(ActionDistribution):
     def __init__(self, logits: th.Tensor, sizes: list[int]) -> None:
         self.sizes = sizes
         self.logits = logits.split(sizes, dim=-1)
-        self.dists = [OneHotCategoricalStraightThrough(logits=chunk, validate_args=False) for chunk in self.logits]
+
+    @functools.cached_property
+    def dists(self) -> list[OneHotCategoricalStraightThrough]:
+        """The torch distributions, built on first use (acting needs only :meth:`rsample` or :meth:`mode`)."""
+        return [OneHotCategoricalStraightThrough(logits=chunk, validate_args=False) for chunk in self.logits]
 
     def rsample(self) -> th.Tensor:
         return th.cat([straight_through_onehot(chunk) for chunk in self.logits], dim=-1)
 
     def mode(self) -> th.Tensor:
-        return th.cat([F.one_hot(d.logits.argmax(-1), n).float() for d, n in zip(self.dists, self.sizes)], dim=-1)
+        return th.cat([argmax_onehot(chunk) for chunk in self.logits], dim=-1)
 
     def log_prob(self, actions: th.Tensor) -> th.Tensor:
         return sum(d.log_prob(a) for d, a in zip(self.dists, actions.split(self.sizes, dim=-1)))  # type: ignore[return-value]

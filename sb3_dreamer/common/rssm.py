@@ -2,9 +2,10 @@
 
 Paper symbols:
 
-* recurrent model       h_t = f(h_{t-1}, z_{t-1}, a_{t-1})       :meth:`RSSM.img_step` (GRU with layer norm)
+* recurrent model       h_t = f(h_{t-1}, z_{t-1}, a_{t-1})       :meth:`RSSM.recurrent` (GRU with layer norm)
 * transition predictor  ẑ_t ~ p(ẑ_t | h_t)                       :meth:`RSSM.img_step` (the prior)
-* representation model  z_t ~ q(z_t | h_t, e_t)                   :meth:`RSSM.obs_step` (the posterior)
+* representation model  z_t ~ q(z_t | h_t, e_t)                   :meth:`RSSM.obs_step` (the posterior; also
+                                                                  :meth:`RSSM.filter_step`, without the prior)
 * model state           s_t = (h_t, z_t): ``RSSMState(deter=h_t, stoch=z_t, stats=...)``
 
 Stochastic states are ``stoch_size`` categorical variables with ``classes`` classes each, sampled one-hot with
@@ -18,7 +19,7 @@ from torch import nn
 from torch.distributions import Independent, Normal, OneHotCategoricalStraightThrough
 from torch.nn import functional as F
 
-from sb3_dreamer.common.distributions import straight_through_onehot
+from sb3_dreamer.common.distributions import argmax_onehot, straight_through_onehot
 from sb3_dreamer.common.type_aliases import RSSMState
 
 
@@ -107,28 +108,46 @@ class RSSM(nn.Module):
             if sample:
                 onehot = straight_through_onehot(stats)
             else:
-                onehot = F.one_hot(stats.argmax(-1), self.classes).float()
+                onehot = argmax_onehot(stats)
             return onehot.flatten(-2)  # [*, stoch * classes]
         mean, std = stats.chunk(2, dim=-1)
         return mean + std * th.randn_like(std) if sample else mean
 
+    def recurrent(self, prev: RSSMState, prev_action: th.Tensor) -> th.Tensor:
+        """The recurrent model: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]): ``[N, deter_size]``."""
+        x = self.img_in(th.cat([prev.stoch, prev_action], dim=-1))
+        return self.cell(x, prev.deter)
+
     def img_step(self, prev: RSSMState, prev_action: th.Tensor, sample: bool = True) -> RSSMState:
         """Prior step: h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]), ẑ_t ~ p(ẑ_t | h_t)."""
-        x = self.img_in(th.cat([prev.stoch, prev_action], dim=-1))
-        deter = self.cell(x, prev.deter)
+        deter = self.recurrent(prev, prev_action)
         stats = self._stats(self.img_out(deter))
         return RSSMState(deter, self._sample(stats, sample), stats)
+
+    def _posterior(self, deter: th.Tensor, embed: th.Tensor, sample: bool) -> RSSMState:
+        """z_t ~ q(z_t | h_t, e_t)."""
+        stats = self._stats(self.obs_out(th.cat([deter, embed], dim=-1)))
+        return RSSMState(deter, self._sample(stats, sample), stats)
+
+    @staticmethod
+    def _reset(prev: RSSMState, prev_action: th.Tensor, is_first: th.Tensor) -> tuple[RSSMState, th.Tensor]:
+        """Zero the previous state and action of the rows that start an episode."""
+        keep = (~is_first).float().unsqueeze(-1)  # [N, 1]
+        return RSSMState(prev.deter * keep, prev.stoch * keep, prev.stats), prev_action * keep
 
     def obs_step(
         self, prev: RSSMState, prev_action: th.Tensor, embed: th.Tensor, is_first: th.Tensor, sample: bool = True
     ) -> tuple[RSSMState, RSSMState]:
         """Posterior step: the prior from :meth:`img_step`, then z_t ~ q(z_t | h_t, e_t). Resets where ``is_first``."""
-        keep = (~is_first).float().unsqueeze(-1)  # [N, 1]
-        prev = RSSMState(prev.deter * keep, prev.stoch * keep, prev.stats)
-        prior = self.img_step(prev, prev_action * keep, sample)
-        stats = self._stats(self.obs_out(th.cat([prior.deter, embed], dim=-1)))
-        post = RSSMState(prior.deter, self._sample(stats, sample), stats)
-        return post, prior
+        prior = self.img_step(*self._reset(prev, prev_action, is_first), sample)
+        return self._posterior(prior.deter, embed, sample), prior
+
+    def filter_step(
+        self, prev: RSSMState, prev_action: th.Tensor, embed: th.Tensor, is_first: th.Tensor, sample: bool = True
+    ) -> RSSMState:
+        """The posterior of :meth:`obs_step` without the prior (acting needs only s_t; this skips the prior's head)."""
+        deter = self.recurrent(*self._reset(prev, prev_action, is_first))
+        return self._posterior(deter, embed, sample)
 
     def observe(
         self, embed: th.Tensor, actions: th.Tensor, is_first: th.Tensor, state: RSSMState | None = None

@@ -130,7 +130,7 @@ class DreamerV2Policy(BasePolicy):
         :return: (model action ``[N, A]``, posterior state)
         """
         _, embed = self.world_model.embed(obs)
-        post, _ = self.world_model.rssm.obs_step(state, prev_action, embed, episode_start, sample=not deterministic)
+        post = self.world_model.rssm.filter_step(state, prev_action, embed, episode_start, sample=not deterministic)
         dist = self.actor_critic.policy(self.world_model.features(post))
         action = dist.mode() if deterministic else dist.rsample()
         return action, post
