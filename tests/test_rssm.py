@@ -127,6 +127,26 @@ class TestNetworks:
         assert encoder(inputs).shape == (2, 3, encoder.output_dim)
         assert decoder(th.randn(2, 3, 12))["obs"].shape == (2, 3, *shape)
 
+    def test_point_transposed_convolution_is_the_same_layer_as_a_gemm(self):
+        th.manual_seed(0)
+        reference = th.nn.ConvTranspose2d(12, 5, 5, 2)
+        point = networks.PointConvTranspose2d(12, 5, 5, 2)
+        point.load_state_dict(reference.state_dict())  # same parameters, same state dict keys
+        for shape in [(3, 12, 1, 1), (2, 12, 3, 4)]:  # 1x1: the GEMM; larger: the parent's kernel
+            x_ref = th.randn(shape, dtype=th.float64, requires_grad=True)
+            x = x_ref.detach().clone().requires_grad_()
+            reference.double(), point.double()
+            expected, got = reference(x_ref), point(x)
+            th.testing.assert_close(got, expected)
+            (expected * th.arange(expected.numel()).view_as(expected)).sum().backward()
+            (got * th.arange(got.numel()).view_as(got)).sum().backward()
+            th.testing.assert_close(x.grad, x_ref.grad)
+            th.testing.assert_close(point.weight.grad, reference.weight.grad)
+            th.testing.assert_close(point.bias.grad, reference.bias.grad)
+            reference.zero_grad(), point.zero_grad()
+        decoder = networks.ConvDecoder(16, ConvEncoder((1, 64, 64), depth=4), channels=1)
+        assert type(decoder.net[0]) is networks.PointConvTranspose2d  # the official decoder's first layer
+
     def test_small_batches_use_the_native_cpu_convolution_with_the_same_result(self, monkeypatch):
         th.manual_seed(0)
         encoder = ConvEncoder((1, 64, 64), depth=8)
