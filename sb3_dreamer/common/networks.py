@@ -96,9 +96,9 @@ class ObservationCodec:
         return obs.float()
 
 
-# Acting encodes one or two images at a time; there PyTorch's native CPU convolution beats oneDNN's (Atari encoder,
-# batch 1: 1.7 vs 3.3 ms, batch 2: 3.5 vs 4.9 ms; from batch 4 on oneDNN is as fast or faster, and much faster at
-# training batch sizes). benchmarks/throughput.py measures the policy step that this speeds up.
+# Acting encodes one or two images at a time; there PyTorch's native CPU convolution beats oneDNN's (Atari encoder on
+# the 2-core CPU, 2 threads, quiet: batch 1 1.11 vs 1.61 ms, batch 2 1.52 vs 2.07 ms, batch 4 2.94 vs 3.08 ms; oneDNN is
+# much faster at training batch sizes). benchmarks/throughput.py measures the policy step that this speeds up.
 NATIVE_CONV_MAX_BATCH = 2
 
 
@@ -166,8 +166,8 @@ class PointConvTranspose2d(nn.ConvTranspose2d):
 
     On a 1x1 input, ``out[n, o, i, j] = bias[o] + sum_c x[n, c] * weight[c, o, i, j]``: one GEMM with the weight viewed
     as ``[C_in, C_out * kH * kW]``. The official 64x64 decoder starts with such a layer (1536 -> 192 channels, kernel 5),
-    where CPU transposed-convolution kernels run at ~3 GFLOP/s, forward and backward. Same parameters and state dict as
-    ``nn.ConvTranspose2d``; other inputs go through it unchanged.
+    where the CPU transposed-convolution kernel is 8x slower (batch 800, 2 threads: forward 589 vs 69 ms, backward 1121
+    vs 143 ms). Same parameters and state dict as ``nn.ConvTranspose2d``; other inputs go through it unchanged.
     """
 
     def forward(self, x: th.Tensor, output_size: list[int] | None = None) -> th.Tensor:
