@@ -337,14 +337,14 @@ class Comparison:
     budget: int | None = None  # the return budget (None for steps-to-threshold)
 
 
-def head_to_head(rows: Sequence[Row], usable: Mapping[tuple[str, str], Sequence[Run]],
-                 first: str = "dreamerv2", second: str = "dqn") -> list[Comparison]:
+def head_to_head(rows: Sequence[Row], usable: Mapping[tuple[str, str], Sequence[Run]]) -> list[Comparison]:
     """Who is ahead, env by env: the return at every report budget both reached, then steps-to-threshold.
 
     Steps-to-threshold is compared on equal footing: at the smallest env steps every seed of both algorithms reached
     (runs of different lengths would otherwise favour the longer one), the number of seeds that reached the threshold
     by then, ties broken by the mean steps of those seeds (fewer is better).
     """
+    first, second = "dreamerv2", "dqn"
     out: list[Comparison] = []
     by_key = {(row.env, row.label): row for row in rows}
     for env in dict.fromkeys(row.env for row in rows):

@@ -14,7 +14,7 @@ preprocessed observations.
 """
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch as th
@@ -153,10 +153,8 @@ class ConvEncoder(nn.Module):
     def forward(self, image: th.Tensor) -> th.Tensor:
         batch = image.shape[:-3]
         image = image.reshape(-1, *image.shape[-3:]).contiguous(memory_format=th.channels_last)
-        if image.device.type == "cpu" and image.shape[0] <= NATIVE_CONV_MAX_BATCH:
-            with native_cpu_conv():
-                out = self.net(image)
-        else:
+        small = image.device.type == "cpu" and image.shape[0] <= NATIVE_CONV_MAX_BATCH
+        with native_cpu_conv() if small else nullcontext():
             out = self.net(image)  # [prod(batch), C', H', W']
         return out.reshape(*batch, self.output_dim)
 
@@ -171,7 +169,8 @@ class PointConvTranspose2d(nn.ConvTranspose2d):
     """
 
     def forward(self, x: th.Tensor, output_size: list[int] | None = None) -> th.Tensor:
-        if x.shape[-2:] != (1, 1) or output_size is not None or self.padding != (0, 0) or self.groups != 1:
+        plain = self.padding == (0, 0) and self.output_padding == (0, 0) and self.dilation == (1, 1) and self.groups == 1
+        if x.shape[-2:] != (1, 1) or output_size is not None or not plain:
             return super().forward(x, output_size)
         out = x.flatten(1) @ self.weight.flatten(1)  # [N, C_in] @ [C_in, C_out * kH * kW]
         out = out.view(-1, self.out_channels, *self.kernel_size)  # [N, C_out, kH, kW]
