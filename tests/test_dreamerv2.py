@@ -224,6 +224,8 @@ def test_terminal_env_learns_discount_zero_at_the_end(tiny_kwargs):
         (dict(policy_kwargs=dict(latent_type="beta")), "latent_type"),
         (dict(policy_kwargs=dict(latent_features="deter")), "latent_features"),
         (dict(actor_entropy_coef="cosine(1, 2)"), "schedule"),
+        (dict(exploration_noise="linear(0.4)"), "schedule"),
+        (dict(exploration_noise="linear(0.4, 0.1, 1.5)"), "fraction"),
     ],
 )
 def test_bad_options_raise_clear_errors(kwargs, match):
@@ -262,6 +264,43 @@ def test_schedules_and_actor_gradient_modes(tiny_kwargs):
     assert 0.9 < model.reinforce_mix() <= 1.0
     assert DreamerV2("MlpPolicy", "Pendulum-v1", **tiny_kwargs).reinforce_mix() == 0.0
     assert DreamerV2("MlpPolicy", "CartPole-v1", **tiny_kwargs).reinforce_mix() == 1.0
+
+
+def test_exploration_noise_schedule_acts_on_collection_only(tiny_kwargs, tmp_path):
+    model = DreamerV2("MlpPolicy", CountingEnv(action_space=spaces.Discrete(4)), seed=0,
+                      exploration_noise="linear(0.8, 0.2, 0.5)", **tiny_kwargs)
+    for remaining, rate in ((1.0, 0.8), (0.75, 0.5), (0.5, 0.2), (0.1, 0.2)):  # DQN's exploration_fraction
+        model._current_progress_remaining = remaining
+        assert model.exploration_rate() == pytest.approx(rate)
+
+    # A policy that always picks action 0: with ε the collected actions spread over the others, as often as ε says.
+    def always_zero(obs, state, prev_action, starts, deterministic=False):
+        return th.nn.functional.one_hot(th.zeros(len(obs), dtype=th.long), 4).float(), state
+
+    model.policy.step = always_zero
+    model.learning_starts = 0
+    model._current_progress_remaining = 0.1  # ε = 0.2
+    model._last_obs = model.env.reset()
+    taken = []
+    for _ in range(4000):
+        env_action, buffer_action = model._sample_action(0)
+        taken.append(int(env_action[0]))
+        model._last_episode_starts = np.zeros(1, dtype=bool)
+        # the RSSM's previous action is the action taken, noise included
+        assert model._last_state[1].argmax(-1).tolist() == buffer_action[:, 0].tolist()
+    assert np.mean(np.array(taken) != 0) == pytest.approx(0.2 * 3 / 4, abs=0.02)
+
+    model._current_progress_remaining = 1.0
+    obs = model.env.reset()
+    assert {int(model.predict(obs, deterministic=True)[0][0]) for _ in range(50)} == {0}  # predict: no noise
+    model.save(tmp_path / "m.zip")
+    assert DreamerV2.load(tmp_path / "m.zip").exploration_rate() == pytest.approx(0.8)
+
+
+def test_exploration_rate_is_logged(tiny_kwargs):
+    model = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, exploration_noise=0.1, **tiny_kwargs)
+    model.learn(100)
+    assert model.logger.name_to_value["rollout/exploration_rate"] == pytest.approx(0.1)
 
 
 def test_return_normalization_is_opt_in_logged_and_saved(tiny_kwargs, tmp_path):

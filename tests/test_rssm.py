@@ -229,6 +229,31 @@ class TestActionCodec:
         assert codec.buffer_to_env(np.array([[-1.0, 0.5]])).tolist() == [[0.0, 1.0]]
         assert codec.env_to_buffer(np.array([[1.0, -2.0]])).tolist() == [[1.0, -1.0]]
 
+    def test_discrete_noise_replaces_a_share_of_actions_uniformly(self):
+        codec = ActionCodec(spaces.MultiDiscrete([3, 4]))
+        chosen = codec.buffer_to_model(th.tensor([[2.0, 0.0]])).repeat(40000, 1)  # always action (2, 0)
+        assert codec.add_noise(chosen, 0.0) is chosen
+        th.manual_seed(0)
+        noisy = codec.add_noise(chosen, 0.4)
+        index = th.as_tensor(codec.model_to_buffer(noisy))  # [N, 2]
+        assert (noisy.sum(-1) == 2).all() and ((noisy == 0) | (noisy == 1)).all()  # still one one-hot per block
+        # P(a != chosen) = ε (n - 1) / n in each block, independently; a replaced action is uniform over all n.
+        assert (index[:, 0] != 2).float().mean().item() == pytest.approx(0.4 * 2 / 3, abs=0.01)
+        assert (index[:, 1] != 0).float().mean().item() == pytest.approx(0.4 * 3 / 4, abs=0.01)
+        both = ((index[:, 0] != 2) & (index[:, 1] != 0)).float().mean().item()
+        assert both == pytest.approx(0.4 * 2 / 3 * 0.4 * 3 / 4, abs=0.01)
+        counts = th.bincount(th.as_tensor(codec.model_to_buffer(codec.add_noise(chosen, 1.0))[:, 1]), minlength=4)
+        assert (counts.float() / 40000 - 0.25).abs().max().item() < 0.01
+
+    def test_continuous_noise_is_gaussian_and_clipped(self):
+        codec = ActionCodec(spaces.Box(-2.0, 2.0, (2,)))
+        th.manual_seed(0)
+        actions = th.tensor([[0.0, 0.95]]).repeat(40000, 1)
+        noisy = codec.add_noise(actions, 0.3)
+        assert noisy.min() >= -1 and noisy.max() <= 1
+        assert noisy[:, 0].std().item() == pytest.approx(0.3, abs=0.01)
+        assert (noisy[:, 1] == 1.0).float().mean().item() == pytest.approx(0.43, abs=0.01)  # P(N(0.95, 0.3) > 1)
+
     @pytest.mark.parametrize("space", [spaces.MultiBinary(3), spaces.Box(-np.inf, np.inf, (2,)), spaces.Box(-1, 1, (2, 2))])
     def test_unsupported_action_spaces_raise(self, space):
         with pytest.raises(ValueError):

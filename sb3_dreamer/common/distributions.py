@@ -176,6 +176,23 @@ class ActionCodec:
         mean, std = params.chunk(2, dim=-1)
         return TruncatedNormalActions(th.tanh(mean), 2 * th.sigmoid((std + 2.0) / 2) + self.min_std)
 
+    def add_noise(self, actions: th.Tensor, amount: float) -> th.Tensor:
+        """Exploration noise on model actions ``[N, input_dim]`` (the official ``action_noise``).
+
+        Discrete: each one-hot block is replaced, with probability ``amount``, by a uniformly random one-hot (the
+        mixture amount / n + (1 - amount) * onehot). Continuous: Normal(actions, amount) clipped to [-1, 1].
+        """
+        if amount <= 0:
+            return actions
+        if not self.discrete:
+            return (actions + amount * th.randn_like(actions)).clamp(-1.0, 1.0)
+        blocks = []
+        for block, n in zip(actions.split(self.sizes, dim=-1), self.sizes):
+            replace = th.rand(block.shape[0], 1, device=block.device) < amount  # [N, 1]
+            random = F.one_hot(th.randint(n, block.shape[:1], device=block.device), n).to(block.dtype)
+            blocks.append(th.where(replace, random, block))
+        return th.cat(blocks, dim=-1)
+
     def buffer_to_model(self, actions: th.Tensor) -> th.Tensor:
         """Buffer actions ``[*, action_dim]`` to model actions ``[*, input_dim]``."""
         if not self.discrete:

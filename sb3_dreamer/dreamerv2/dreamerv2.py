@@ -43,13 +43,20 @@ ScheduleLike = Union[float, str, Schedule]
 
 
 def as_schedule(value: ScheduleLike) -> Schedule:
-    """A float, a callable of progress_remaining, or ``"linear(start, end)"`` (over the whole of training)."""
+    """A float, a callable of progress_remaining, or ``"linear(start, end[, fraction])"``.
+
+    The linear schedule goes from ``start`` to ``end`` over the first ``fraction`` of training (default 1: all of it),
+    then stays at ``end``, like DQN's ``exploration_fraction``.
+    """
     if isinstance(value, str):
         text = value.replace(" ", "")
-        if not (text.startswith("linear(") and text.endswith(")")):
-            raise ValueError(f"Unknown schedule {value!r}: use a number or 'linear(start, end)'.")
-        start, end = (float(x) for x in text[len("linear(") : -1].split(","))
-        return LinearSchedule(start, end, end_fraction=1.0)
+        parts = text[len("linear(") : -1].split(",")
+        if not (text.startswith("linear(") and text.endswith(")")) or len(parts) not in (2, 3):
+            raise ValueError(f"Unknown schedule {value!r}: use a number or 'linear(start, end[, fraction])'.")
+        start, end, fraction = (float(x) for x in [*parts, "1.0"][:3])
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"The fraction of schedule {value!r} must lie in (0, 1].")
+        return LinearSchedule(start, end, end_fraction=fraction)
     return FloatSchedule(value)
 
 
@@ -82,6 +89,11 @@ class DreamerV2(OffPolicyAlgorithm):
         ``"both"``
     :param actor_grad_mix: with ``"both"``, the weight of the dynamics gradient (1 - ρ); float or schedule
     :param actor_entropy_coef: η, the entropy regularizer (float, schedule or ``"linear(a, b)"``)
+    :param exploration_noise: the official ``expl_noise`` during collection (not in ``predict``): with discrete actions
+        the probability of replacing the actor's action by a uniformly random one (ε-greedy on top of the sampled
+        policy), with continuous actions the std of Gaussian noise added before clipping to the bounds. Float,
+        schedule or ``"linear(start, end, fraction)"``, e.g. ``"linear(0.4, 0.05, 0.1)"`` as in DQN. Default 0: the
+        paper explores through the entropy regularizer alone
     :param return_normalization: divide the actor's advantages by the spread of the imagined returns,
         max(1, P95 - P5) as a moving average (DreamerV3; not in DreamerV2). Helps with dense rewards (e.g. CartPole),
         where returns of order 1 / (1 - γ) otherwise drown the entropy regularizer
@@ -136,6 +148,7 @@ class DreamerV2(OffPolicyAlgorithm):
         actor_grad: str = "auto",
         actor_grad_mix: ScheduleLike = 0.1,
         actor_entropy_coef: ScheduleLike = 1e-3,
+        exploration_noise: ScheduleLike = 0.0,
         return_normalization: bool = False,
         target_update_interval: int = 100,
         max_grad_norm: float = 100.0,
@@ -184,7 +197,7 @@ class DreamerV2(OffPolicyAlgorithm):
         self.reconstruction_scale, self.reward_scale, self.discount_scale = reconstruction_scale, reward_scale, discount_scale
         self.reward_transform, self.predict_discount = reward_transform, predict_discount
         self.actor_grad, self.actor_grad_mix, self.actor_entropy_coef = actor_grad, actor_grad_mix, actor_entropy_coef
-        self.return_normalization = return_normalization
+        self.exploration_noise, self.return_normalization = exploration_noise, return_normalization
         self.target_update_interval = target_update_interval
         self.max_grad_norm, self.weight_decay = max_grad_norm, weight_decay
         self.stop_image_grad, self.stop_reward_grad = stop_image_grad, stop_reward_grad
@@ -211,6 +224,7 @@ class DreamerV2(OffPolicyAlgorithm):
         self._critic_lr_schedule = as_schedule(self.critic_lr)
         self._entropy_schedule = as_schedule(self.actor_entropy_coef)
         self._mix_schedule = as_schedule(self.actor_grad_mix)
+        self._exploration_schedule = as_schedule(self.exploration_noise)
         self._last_state = None
 
     def _check_options(self) -> None:
@@ -234,6 +248,14 @@ class DreamerV2(OffPolicyAlgorithm):
             return 1.0 - self._mix_schedule(self._current_progress_remaining)
         return 1.0 if grad == "reinforce" else 0.0
 
+    def exploration_rate(self) -> float:
+        """The collection noise ``exploration_noise`` at the current progress (ε for discrete actions)."""
+        return float(self._exploration_schedule(self._current_progress_remaining))
+
+    def _on_step(self) -> None:
+        super()._on_step()
+        self.logger.record("rollout/exploration_rate", self.exploration_rate())
+
     def _sample_action(
         self, learning_starts: int, action_noise: Any = None, n_envs: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -253,7 +275,10 @@ class DreamerV2(OffPolicyAlgorithm):
             starts = th.as_tensor(self._last_episode_starts, device=self.device).bool()
         with th.no_grad():  # eval mode: collect_rollouts sets it once per rollout
             action, post = self.policy.step(obs, state, prev_action, starts, deterministic=False)
-        self._last_state = (post, action)
+            noise = self.exploration_rate()
+            if noise > 0:
+                action = codec.add_noise(action, noise)
+        self._last_state = (post, action)  # the action taken, noise included, is what the RSSM sees next
         buffer_actions = codec.model_to_buffer(action)
         return codec.buffer_to_env(buffer_actions), buffer_actions
 
@@ -452,6 +477,7 @@ class DreamerV2(OffPolicyAlgorithm):
             "_critic_lr_schedule",
             "_entropy_schedule",
             "_mix_schedule",
+            "_exploration_schedule",
         ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
