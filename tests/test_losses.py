@@ -5,7 +5,7 @@ import torch as th
 from torch.nn import functional as F
 
 from sb3_dreamer.common.actor_critic import ReturnNormalizer
-from sb3_dreamer.common.distributions import straight_through_onehot
+from sb3_dreamer.common.distributions import sample_onehot, straight_through_onehot
 from sb3_dreamer.common.losses import actor_objective, critic_loss, discount_weights, kl_balance, lambda_return
 
 
@@ -107,6 +107,15 @@ class TestStraightThrough:
         logits = th.log(th.tensor([0.1, 0.2, 0.7])).expand(20000, 3)
         frequencies = straight_through_onehot(logits).detach().mean(0)
         th.testing.assert_close(frequencies, th.tensor([0.1, 0.2, 0.7]), atol=0.015, rtol=0)
+
+    def test_inverse_cdf_never_picks_impossible_classes(self):
+        th.manual_seed(0)
+        probs = th.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]).repeat(5000, 1, 1)
+        probs[:, :, :] *= 0.9999  # totals below one (float rounding) must not push samples past the last class
+        sample = sample_onehot(probs)  # [5000, 3, 4]
+        assert (sample.sum(-1) == 1).all()
+        assert ((sample > 0) <= (probs > 0)).all()
+        assert sample[:, 0, 1].mean().item() == pytest.approx(0.5, abs=0.02)
 
 
 class TestActorCriticLosses:

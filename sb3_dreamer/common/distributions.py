@@ -35,14 +35,23 @@ def argmax_onehot(logits: th.Tensor) -> th.Tensor:
     return th.zeros_like(logits).scatter_(-1, index, 1.0)
 
 
-def straight_through_onehot(logits: th.Tensor) -> th.Tensor:
-    """A one-hot sample from ``logits`` (last axis) whose gradient is that of the probabilities.
+def sample_onehot(probs: th.Tensor) -> th.Tensor:
+    """A one-hot sample from the categorical ``probs`` (last axis), by inverse-CDF sampling.
 
-    sample + probs - sg(probs), with the sample drawn by the Gumbel-max trick (much faster than ``torch.multinomial``).
+    One uniform number per variable (the Gumbel-max trick draws one per class, and CPU random numbers are generated
+    serially: 32x fewer for 32 classes), then the first class whose cumulative probability exceeds it. Much faster than
+    ``torch.multinomial`` too.
     """
-    gumbel = -th.log(-th.log(th.rand_like(logits).clamp_(1e-20, 1.0 - 1e-7)))
-    sample = argmax_onehot(logits.detach() + gumbel)
+    cdf = probs.cumsum(-1)
+    uniform = th.rand_like(cdf[..., -1:]) * cdf[..., -1:]  # scaled by the total, in case rounding leaves it below 1
+    index = th.searchsorted(cdf, uniform, right=True).clamp_(max=probs.shape[-1] - 1)  # [*, 1]
+    return th.zeros_like(probs).scatter_(-1, index, 1.0)
+
+
+def straight_through_onehot(logits: th.Tensor) -> th.Tensor:
+    """A one-hot sample from ``logits`` (last axis) whose gradient is that of the probabilities: sample + probs - sg(probs)."""
     probs = th.softmax(logits, dim=-1)
+    sample = sample_onehot(probs.detach())
     return sample + probs - probs.detach()
 
 
