@@ -332,7 +332,8 @@ def test_vec_normalize_env_trains_on_normalized_observations(tiny_kwargs, monkey
     model.learn(200)
     assert seen and all(env is venv for env in seen)  # the training batches are normalized by the env's statistics
     stored = model.replay_buffer.observations[: model.replay_buffer.pos]
-    assert np.abs(stored[..., 2]).max() < 0.25 < np.abs(venv.normalize_obs(stored)[..., 2]).max()  # stored raw
+    # stored raw: the pole angle stays within CartPole's bound of 0.418 rad, its normalized value does not (std ~0.1)
+    assert np.abs(stored[..., 2]).max() < 0.42 < 1.0 < np.abs(venv.normalize_obs(stored)[..., 2]).max()
     assert model.get_vec_normalize_env() is venv
 
 
