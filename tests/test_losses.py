@@ -98,6 +98,9 @@ class TestStraightThrough:
         # sample + probs - sg(probs) equals the one-hot sample up to float rounding
         onehot = th.nn.functional.one_hot(sample.detach().argmax(-1), 32).float()
         th.testing.assert_close(sample.detach(), onehot, atol=1e-6, rtol=0)
+        with th.no_grad():  # nothing to differentiate: the one-hot sample itself, exactly
+            plain = straight_through_onehot(logits)
+        assert ((plain == 0) | (plain == 1)).all() and (plain.sum(-1) == 1).all() and not plain.requires_grad
         (grad,) = th.autograd.grad((sample * weights).sum(), logits)
         (expected,) = th.autograd.grad((th.softmax(logits, -1) * weights).sum(), logits)
         th.testing.assert_close(grad, expected)

@@ -49,9 +49,14 @@ def sample_onehot(probs: th.Tensor) -> th.Tensor:
 
 
 def straight_through_onehot(logits: th.Tensor) -> th.Tensor:
-    """A one-hot sample from ``logits`` (last axis) whose gradient is that of the probabilities: sample + probs - sg(probs)."""
+    """A one-hot sample from ``logits`` (last axis) whose gradient is that of the probabilities: sample + probs - sg(probs).
+
+    Without a graph to record (acting, Reinforce-only imagination) the sample is returned as it is.
+    """
     probs = th.softmax(logits, dim=-1)
     sample = sample_onehot(probs.detach())
+    if not (th.is_grad_enabled() and logits.requires_grad):
+        return sample
     return sample + probs - probs.detach()
 
 
