@@ -90,6 +90,7 @@ class Row:
     wall_seconds_mean: float | None
     max_steps: int  # largest evaluated env step over the seeds
     n_stopped: int = 0
+    last: Cell | None = None  # each seed's last evaluation, wherever it got to (diagnostic runs off the budgets)
 
 
 def load_evaluations(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +252,7 @@ def aggregate(
                     n_stopped=sum(r.status == "stopped" for r in seeds),
                     wall_seconds_mean=float(np.mean(walls)) if walls else None,
                     max_steps=max((int(r.timesteps.max()) for r in seeds if len(r.timesteps)), default=0),
+                    last=mean_std([float(r.returns[-1]) for r in seeds if len(r.returns)]),
                 )
             )
         shown = [b for b in env_budgets if any(row.cells.get(b) is not None for row in env_rows)]
@@ -413,7 +415,7 @@ def render_env_table(rows: Sequence[Row]) -> str:
     header = ["algorithm", *(f"return @ {fmt_steps(b)}" for b in budgets)]
     if threshold is not None:
         header.append(f"steps to ≥ {_fmt_value(threshold)}")
-    header += ["seeds", "env steps reached", "wall-clock / run"]
+    header += ["seeds", "env steps reached", "last evaluation", "wall-clock / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         seeds = str(row.n_seeds) + (f" ({row.n_running} running)" if row.n_running else "")
@@ -422,7 +424,7 @@ def render_env_table(rows: Sequence[Row]) -> str:
         cells = [_label(row.label), *(fmt_cell(row.cells[b], row.n_seeds) for b in budgets)]
         if threshold is not None:
             cells.append(fmt_threshold(row))
-        cells += [seeds, fmt_steps(row.max_steps), fmt_wall(row.wall_seconds_mean)]
+        cells += [seeds, fmt_steps(row.max_steps), fmt_cell(row.last, row.n_seeds), fmt_wall(row.wall_seconds_mean)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -107,6 +107,7 @@ def test_aggregate_known_table(synthetic):
     assert dqn.threshold_reached == 2 and dqn.n_seeds == 3
     check(dqn.threshold_steps, [30_000, 20_000])
     assert dqn.wall_seconds_mean == pytest.approx(10.0)
+    check(dqn.last, [500, 500, 470])  # every DQN seed ended at 50k
 
     assert dreamer.n_seeds == 2 and dreamer.n_failed == 1  # the failed run is listed, never averaged
     check(dreamer.cells[10_000], [20, 30])
@@ -117,7 +118,7 @@ def test_aggregate_known_table(synthetic):
     table = report.render_env_table(rows)
     assert "| algorithm | return @ 10k | return @ 25k | return @ 50k | steps to ≥ 475.0 | seeds |" in table
     assert f"| DQN | 103.3 ± {np.std([100, 120, 90], ddof=1):.1f} |" in table
-    assert "| 490.0 ± 17.3 | 25k ± 7.1k (2/3 seeds) | 3 |" in table
+    assert "| 490.0 ± 17.3 | 25k ± 7.1k (2/3 seeds) | 3 | 50k | 490.0 ± 17.3 |" in table
     dreamer_row = ("| DreamerV2 | 25.0 ± 7.1 | 50.0 ± 0.0 (n=1) | 300.0 ± 0.0 (n=1) | not reached (0/2 seeds) "
                    "| 2 (1 running) (+1 failed) |")
     assert dreamer_row in table
