@@ -36,6 +36,7 @@ SCRIPTS = ("train", "enjoy", "record_video", "plot_train", "all_plots", "plot_fr
 # Search space: the paper's grids (Hafner et al. 2021, appendix) plus ranges around its learning rates.
 KL_SCALES = (0.1, 0.3, 1.0, 3.0)
 ENTROPY_COEFS = (3e-5, 1e-4, 3e-4, 1e-3)
+EXPLORATION_NOISES = (0.0, 0.05, 0.1, 0.2)  # ε of random actions in collection (the official expl_noise)
 GAMMAS = (0.99, 0.999)
 TRAIN_FREQS = (2, 5, 10, 16)
 HORIZONS = (10, 15, 20)
@@ -100,6 +101,7 @@ def sample_dreamerv2_params(trial: Any, n_actions: int, n_envs: int, additional_
     params: dict[str, Any] = {
         "kl_scale": trial.suggest_categorical("kl_scale", KL_SCALES),
         "actor_entropy_coef": trial.suggest_categorical("actor_entropy_coef", ENTROPY_COEFS),
+        "exploration_noise": trial.suggest_categorical("exploration_noise", EXPLORATION_NOISES),
         "gamma": trial.suggest_categorical("gamma", GAMMAS),
     }
     for key, (low, high) in LR_RANGES.items():

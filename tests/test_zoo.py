@@ -131,6 +131,7 @@ def test_sampler_keeps_configured_policy_kwargs():
     manager = ExperimentManager()
     kwargs = manager.objective(study.ask())
     assert kwargs["kl_scale"] in zoo.KL_SCALES and kwargs["actor_entropy_coef"] in zoo.ENTROPY_COEFS
+    assert kwargs["exploration_noise"] in zoo.EXPLORATION_NOISES
     assert kwargs["gamma"] in zoo.GAMMAS and isinstance(kwargs["train_freq"], int)
     assert 3e-5 <= kwargs["learning_rate"] <= 1e-3
     assert kwargs["policy_kwargs"]["image_dist"] == "binary" and kwargs["policy_kwargs"]["deter_size"] == 32
