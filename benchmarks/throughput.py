@@ -147,14 +147,16 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def measure_matmul_peak(device: str, size: int | None = None, seconds: float = 1.5) -> dict[str, Any]:
-    """fp32 GFLOP/s of a ``torch.mm`` loop on square matrices (the reference for utilization)."""
+def measure_matmul_peak(device: str, size: int | None = None, seconds: float = 1.5,
+                        precision: str = "fp32") -> dict[str, Any]:
+    """GFLOP/s of a ``torch.mm`` loop on square fp32 (or bf16) matrices (the reference for utilization)."""
     import torch
 
     dev = torch.device(device)
     size = size or (8192 if dev.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=dev)
-    b = torch.randn(size, size, device=dev)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=dev, dtype=dtype)
+    b = torch.randn(size, size, device=dev, dtype=dtype)
     torch.mm(a, b)
     _sync(dev)
     n, t0 = 0, time.perf_counter()
@@ -167,13 +169,13 @@ def measure_matmul_peak(device: str, size: int | None = None, seconds: float = 1
             if elapsed >= seconds:
                 break
     flops = 2.0 * size**3 * n
-    return {"gflops": flops / elapsed / 1e9, "size": size, "iterations": n, "seconds": elapsed,
+    return {"gflops": flops / elapsed / 1e9, "size": size, "iterations": n, "seconds": elapsed, "dtype": precision,
             "matmul_precision": torch.get_float32_matmul_precision()}
 
 
 # ---------------------------------------------------------------------------------------------------------- one case
 def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iters: int, fill_steps: int | None = None,
-                 flops: bool = True) -> dict[str, Any]:
+                 flops: bool = True, precision: str = "fp32") -> dict[str, Any]:
     """All measurements of one case on one device (run it in a fresh process for a meaningful peak RSS)."""
     import gymnasium as gym
     import numpy as np
@@ -185,7 +187,7 @@ def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iter
     out: dict[str, Any] = {"case": case.name, "description": case.description, "device": device, "peer": case.peer,
                            "batch_size": case.batch_size, "sequence_length": case.sequence_length,
                            "imagination_horizon": case.horizon, "policy": case.policy,
-                           "policy_kwargs": case.policy_kwargs, "loadavg_start": loadavg(),
+                           "policy_kwargs": case.policy_kwargs, "precision": precision, "loadavg_start": loadavg(),
                            "threads": torch.get_num_threads(), "rss_mb_after_imports": rss_mb()}
     obs_space, act_space = make_spaces(case)
     rng = np.random.default_rng(0)
@@ -207,7 +209,7 @@ def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iter
     model = DreamerV2(
         case.policy, SpacesEnv(), learning_starts=0, buffer_size=fill, batch_size=case.batch_size,
         sequence_length=case.sequence_length, imagination_horizon=case.horizon, policy_kwargs=dict(case.policy_kwargs),
-        device=device, seed=0, _init_setup_model=True,
+        device=device, seed=0, precision=precision, _init_setup_model=True,
     )
     model.set_logger(Logger(folder=None, output_formats=[]))
     policy = model.policy
@@ -403,6 +405,7 @@ def run_case_subprocess(case: str, device: str, args: argparse.Namespace) -> dic
             cmd.append("--no-flops")
         if args.fill_steps:
             cmd += ["--fill-steps", str(args.fill_steps)]
+        cmd += ["--precision", args.precision]
         env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
@@ -457,7 +460,9 @@ def render_markdown(result: dict[str, Any], peers_md: str = "") -> str:
         f"{result['generated']}: CPU {m.get('cpu_model')} ({m.get('cpu_cores')} cores), "
         f"GPU {m.get('cuda') or 'none'}, torch {m.get('torch')}, {result['threads']} torch threads, "
         f"commit {m.get('git_commit')}. Command: `{result['command']}`.", "",
-        f"fp32 matmul peak (measured, `torch.mm` {result['matmul_peak']['size']}², precision "
+        f"Training precision: {result.get('precision', 'fp32')}. "
+        f"{result['matmul_peak'].get('dtype', 'fp32')} matmul peak (measured, `torch.mm` "
+        f"{result['matmul_peak']['size']}², precision "
         f"{result['matmul_peak']['matmul_precision']}): **{result['matmul_peak']['gflops']:.0f} GFLOP/s**.", "",
         "## Gradient steps", "",
         "One gradient step = replay sample + world-model update + actor and critic updates (imagination from all "
@@ -530,6 +535,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch threads (and OMP_NUM_THREADS); peers used 2")
     parser.add_argument("--fill-steps", type=int, help="synthetic replay steps (default max(4 T, 1000))")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="DreamerV2's training precision (bf16: autocast, a GPU opt-in); utilization is then "
+                        "measured against the bf16 matmul peak, and the output files get a -bf16 suffix")
     parser.add_argument("--in-process", action="store_true", help="measure every case in this process (shared RSS)")
     parser.add_argument("--quick", action="store_true", help="smoke test: preset tiny, 1 repeat, 1 warm-up")
     parser.add_argument("--out-dir", type=Path, default=THROUGHPUT_DIR)
@@ -554,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.policy_iters = min(args.policy_iters, 5)
     if args.case:  # child process: one case, one device
         result = measure_case(CASES[args.case], args.devices[0], args.repeats, args.warmup, args.policy_iters,
-                              args.fill_steps, flops=not args.no_flops)
+                              args.fill_steps, flops=not args.no_flops, precision=args.precision)
         atomic_write_json(args.case_json, result)
         return 0
 
@@ -568,12 +576,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     peer_dir = peers.find_peer_dir(args.peers)
     failed = False
     for device in devices:
-        peak = measure_matmul_peak(device, size=512 if args.quick else None, seconds=0.3 if args.quick else 1.5)
+        peak = measure_matmul_peak(device, size=512 if args.quick else None, seconds=0.3 if args.quick else 1.5,
+                                   precision=args.precision)
         results = []
         for name in cases:
             if args.in_process:
                 results.append(measure_case(CASES[name], device, args.repeats, args.warmup, args.policy_iters,
-                                            args.fill_steps, flops=not args.no_flops))
+                                            args.fill_steps, flops=not args.no_flops, precision=args.precision))
             else:
                 results.append(run_case_subprocess(name, device, args))
         label = args.machine or machine_label(device)
@@ -581,14 +590,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine_label": label, "device": device, "threads": args.threads or torch.get_num_threads(),
-            "machine": machine_info(), "matmul_peak": peak, "presets": args.presets, "repeats": args.repeats,
+            "machine": machine_info(), "matmul_peak": peak, "precision": args.precision, "presets": args.presets,
+            "repeats": args.repeats,
             "warmup": args.warmup, "cases": results,
         }
         peer_results = peers.load_peer_results(peer_dir) if peer_dir else {}
         if peer_results:
             result["peers"] = {"dir": str(peer_dir), "results": peer_results}
         peers_md = peers.render_side_by_side(results, peer_results, device)
-        base = args.out_dir / f"{label}-{device.split(':')[0]}"
+        base = args.out_dir / f"{label}-{device.split(':')[0]}{'' if args.precision == 'fp32' else '-' + args.precision}"
         atomic_write_json(base.with_suffix(".json"), result)
         atomic_write_text(base.with_suffix(".md"), render_markdown(result, peers_md))
         failed = failed or any("error" in c for c in results)

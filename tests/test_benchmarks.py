@@ -303,6 +303,19 @@ def test_throughput_quick_writes_valid_json(tmp_path):
     assert case["replay"]["raw_obs_bytes_per_step"] == 16 and case["replay"]["bytes_per_step"] >= 16
     assert set(case["collection"]) == {"1", "8"} and case["peak_rss_mb"] > 0
     assert "## Gradient steps" in (tmp_path / "test-cpu.md").read_text()
+    assert data["precision"] == "fp32" and data["matmul_peak"]["dtype"] == "fp32"
+
+
+def test_throughput_bf16_opt_in_writes_its_own_files(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--quick", "--devices", "cpu", "--threads", "1", "--no-flops",
+           "--out-dir", str(tmp_path), "--machine", "test", "--precision", "bf16"]  # subprocess mode: the flag travels
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "test-cpu-bf16.json").read_text())
+    (case,) = data["cases"]
+    assert data["precision"] == case["precision"] == "bf16" and data["matmul_peak"]["dtype"] == "bf16"
+    assert "Training precision: bf16. bf16 matmul peak" in (tmp_path / "test-cpu-bf16.md").read_text()
 
 
 def test_peer_results_side_by_side(tmp_path):

@@ -226,6 +226,7 @@ def test_terminal_env_learns_discount_zero_at_the_end(tiny_kwargs):
         (dict(actor_entropy_coef="cosine(1, 2)"), "schedule"),
         (dict(exploration_noise="linear(0.4)"), "schedule"),
         (dict(exploration_noise="linear(0.4, 0.1, 1.5)"), "fraction"),
+        (dict(precision="fp16"), "precision"),
     ],
 )
 def test_bad_options_raise_clear_errors(kwargs, match):
@@ -301,6 +302,42 @@ def test_exploration_rate_is_logged(tiny_kwargs):
     model = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, exploration_noise=0.1, **tiny_kwargs)
     model.learn(100)
     assert model.logger.name_to_value["rollout/exploration_rate"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "policy, obs_space, action_space",
+    [("CnnPolicy", "image", spaces.Discrete(2)), ("MultiInputPolicy", "dict", spaces.Box(-1, 1, (2,)))],
+)
+def test_bf16_precision_runs_dense_layers_in_bf16_and_keeps_losses_fp32(policy, obs_space, action_space, tiny_kwargs,
+                                                                          tmp_path):
+    # Discrete actions (Reinforce) and continuous ones (dynamics backpropagation through the bf16 imagination)
+    model = DreamerV2(policy, CountingEnv(obs_space=obs_space, action_space=action_space), seed=0, precision="bf16",
+                      **tiny_kwargs)
+    model.learn(100)  # fills the buffer
+    world_model = model.policy.world_model
+    dtypes = []
+    hook = world_model.reward_head[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    batch = model.replay_buffer.sample(4)
+
+    def model_loss():
+        th.manual_seed(0)
+        with model._autocast():
+            return world_model.loss(batch, model.gamma)[0]
+
+    mixed = model_loss()
+    model.precision = "fp32"
+    full = model_loss()
+    hook.remove()
+    assert dtypes == [th.bfloat16, th.float32]
+    assert mixed.dtype == full.dtype == th.float32
+    assert mixed.item() != full.item() and mixed.item() == pytest.approx(full.item(), rel=0.03)  # bf16 rounding only
+
+    model.precision = "bf16"
+    model.learn(200, reset_num_timesteps=False)  # world-model and behaviour updates under autocast
+    assert all(np.isfinite(v) for k, v in model.logger.name_to_value.items() if k.startswith("train/"))
+    assert all(p.dtype == th.float32 for p in model.policy.parameters())  # fp32 weights and optimizer state
+    model.save(tmp_path / "bf16.zip")
+    assert DreamerV2.load(tmp_path / "bf16.zip").precision == "bf16"
 
 
 def test_return_normalization_is_opt_in_logged_and_saved(tiny_kwargs, tmp_path):

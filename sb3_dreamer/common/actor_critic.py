@@ -87,11 +87,11 @@ class ActorCritic(nn.Module):
 
     def policy(self, features: th.Tensor) -> ActionDistribution:
         """π(· | s_t) from features ``[N, F]``."""
-        return self.action_codec.distribution(self.actor(features))
+        return self.action_codec.distribution(self.actor(features).float())
 
     def value(self, features: th.Tensor, slow: bool = False) -> th.Tensor:
         """v(s_t) (or the slow critic's): ``[*]``."""
-        return (self.slow_critic if slow else self.critic)(features).squeeze(-1)
+        return (self.slow_critic if slow else self.critic)(features).squeeze(-1).float()
 
     def update_slow_critic(self) -> None:
         """Hard copy of the critic into the slow critic."""

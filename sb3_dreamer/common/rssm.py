@@ -37,7 +37,7 @@ class LayerNormGRUCell(nn.Module):
         self.norm = nn.LayerNorm(3 * hidden_size) if layer_norm else nn.Identity()
 
     def forward(self, x: th.Tensor, h: th.Tensor) -> th.Tensor:
-        parts = self.norm(self.linear(th.cat([x, h], dim=-1)))
+        parts = self.norm(self.linear(th.cat([x, h], dim=-1))).float()  # gates in fp32 (a no-op without autocast)
         reset, candidate, update = parts.chunk(3, dim=-1)
         reset = th.sigmoid(reset)
         candidate = th.tanh(reset * candidate)
@@ -91,6 +91,7 @@ class RSSM(nn.Module):
         )
 
     def _stats(self, raw: th.Tensor) -> th.Tensor:
+        raw = raw.float()  # distributions in fp32, also under bf16 autocast
         if self.discrete:
             return raw.reshape(*raw.shape[:-1], self.stoch_size, self.classes)  # [*, stoch, classes] logits
         mean, std = raw.chunk(2, dim=-1)

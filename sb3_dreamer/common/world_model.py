@@ -76,18 +76,18 @@ class WorldModel(nn.Module):
 
     def reward(self, features: th.Tensor) -> th.Tensor:
         """Mean of the reward head (transformed rewards): ``[*]``."""
-        return self.reward_head(features).squeeze(-1)
+        return self.reward_head(features).squeeze(-1).float()
 
     def discount(self, features: th.Tensor) -> th.Tensor:
         """Mean of the discount head, γ̂ in [0, 1]: ``[*]``."""
-        return th.sigmoid(self.discount_head(features).squeeze(-1))
+        return th.sigmoid(self.discount_head(features).squeeze(-1).float())
 
     def reconstruction_losses(self, features: th.Tensor, inputs: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
         """Negative log-likelihood (up to constants) of each observation key, summed over its dims: ``{key: [B, T]}``."""
         predictions = self.decoder(features)
         losses = {}
         for key, prediction in predictions.items():
-            target = inputs[key]
+            prediction, target = prediction.float(), inputs[key]
             dims = tuple(range(2, target.dim()))
             if self.image_dist == "binary" and key in self.decoder.cnn_keys:
                 nll = F.binary_cross_entropy_with_logits(prediction, (target > 0).float(), reduction="none")
@@ -131,7 +131,7 @@ class WorldModel(nn.Module):
                    for key, value in recon.items()}
         if predict_discount:
             discount_target = gamma * (~batch.is_terminal).float()  # [B, T]
-            discount_logits = self.discount_head(features).squeeze(-1)
+            discount_logits = self.discount_head(features).squeeze(-1).float()
             discount_loss = F.binary_cross_entropy_with_logits(discount_logits, discount_target)
             loss = loss + discount_scale * discount_loss
             metrics["discount_loss"] = discount_loss.detach()

@@ -40,6 +40,7 @@ from sb3_dreamer.dreamerv2.policies import CnnPolicy, DreamerV2Policy, MlpPolicy
 SelfDreamerV2 = TypeVar("SelfDreamerV2", bound="DreamerV2")
 TORCH_OPTIMIZERS = ("model_optimizer", "actor_optimizer", "critic_optimizer")  # policy attributes saved as state dicts
 ScheduleLike = Union[float, str, Schedule]
+PRECISIONS = {"fp32": None, "bf16": th.bfloat16}  # precision -> autocast dtype of the training forward passes
 
 
 def as_schedule(value: ScheduleLike) -> Schedule:
@@ -100,6 +101,9 @@ class DreamerV2(OffPolicyAlgorithm):
     :param target_update_interval: gradient steps between hard copies of the critic into the slow critic
     :param max_grad_norm: gradient clipping (global norm per optimizer)
     :param weight_decay: decoupled weight decay per gradient step (parameters scaled by 1 - weight_decay)
+    :param precision: ``"fp32"`` (default) or ``"bf16"``: the forward passes of the world-model and behaviour updates
+        under ``torch.autocast`` with bfloat16 (dense layers and convolutions in bf16; distributions, losses, GRU gates,
+        optimizer state and acting stay fp32). An opt-in for GPUs with bf16 tensor cores; it runs on any device
     :param stop_image_grad: reconstruction gradients do not reach the representation (ablation)
     :param stop_reward_grad: reward gradients do not reach the representation (ablation)
     :param replay_buffer_class: replay buffer class (default :class:`SequenceReplayBuffer`)
@@ -153,6 +157,7 @@ class DreamerV2(OffPolicyAlgorithm):
         target_update_interval: int = 100,
         max_grad_norm: float = 100.0,
         weight_decay: float = 1e-6,
+        precision: str = "fp32",
         stop_image_grad: bool = False,
         stop_reward_grad: bool = False,
         replay_buffer_class: type[ReplayBuffer] | None = None,
@@ -199,7 +204,7 @@ class DreamerV2(OffPolicyAlgorithm):
         self.actor_grad, self.actor_grad_mix, self.actor_entropy_coef = actor_grad, actor_grad_mix, actor_entropy_coef
         self.exploration_noise, self.return_normalization = exploration_noise, return_normalization
         self.target_update_interval = target_update_interval
-        self.max_grad_norm, self.weight_decay = max_grad_norm, weight_decay
+        self.max_grad_norm, self.weight_decay, self.precision = max_grad_norm, weight_decay, precision
         self.stop_image_grad, self.stop_reward_grad = stop_image_grad, stop_reward_grad
         self._last_state: tuple[RSSMState, th.Tensor] | None = None
         # Checkpoint/resume bookkeeping (see sb3_dreamer.common.checkpointing and docs/resume.md):
@@ -232,6 +237,8 @@ class DreamerV2(OffPolicyAlgorithm):
             raise ValueError(f"reward_transform must be one of {sorted(REWARD_TRANSFORMS)}, got {self.reward_transform!r}")
         if self.actor_grad not in ("auto", "reinforce", "dynamics", "both"):
             raise ValueError(f"actor_grad must be 'auto', 'reinforce', 'dynamics' or 'both', got {self.actor_grad!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.kl_balance <= 1.0:
             raise ValueError(f"kl_balance must lie in [0, 1], got {self.kl_balance}")
         if self.sequence_length < 2 or self.imagination_horizon < 2:
@@ -320,20 +327,22 @@ class DreamerV2(OffPolicyAlgorithm):
             policy.actor_critic.update_slow_critic()
         batch = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # [B, T, ...]
 
-        model_loss, post, metrics = policy.world_model.loss(
-            batch, self.gamma, self.kl_scale, self.kl_balance, self.free_nats, self.reward_scale, self.discount_scale,
-            self.reconstruction_scale, self.reward_transform, self.predict_discount, self.stop_image_grad,
-            self.stop_reward_grad,
-        )
+        with self._autocast():
+            model_loss, post, metrics = policy.world_model.loss(
+                batch, self.gamma, self.kl_scale, self.kl_balance, self.free_nats, self.reward_scale, self.discount_scale,
+                self.reconstruction_scale, self.reward_transform, self.predict_discount, self.stop_image_grad,
+                self.stop_reward_grad,
+            )
         metrics["model_grad_norm"] = self._optimize("model", model_loss, policy.model_optimizer)
 
         start = flatten_states(RSSMState(*(x.detach() for x in post)))  # [B * T, ...]
         policy.world_model.requires_grad_(False)  # frozen while the actor backpropagates through the dynamics
         try:
-            behaviour = policy.actor_critic.loss(
-                policy.world_model, start, batch.is_terminal.reshape(-1), self.imagination_horizon, self.gamma,
-                self.return_lambda, reinforce_mix, entropy_coef, self.predict_discount, self.return_normalization,
-            )
+            with self._autocast():
+                behaviour = policy.actor_critic.loss(
+                    policy.world_model, start, batch.is_terminal.reshape(-1), self.imagination_horizon, self.gamma,
+                    self.return_lambda, reinforce_mix, entropy_coef, self.predict_discount, self.return_normalization,
+                )
         finally:
             policy.world_model.requires_grad_(True)
         metrics.update(behaviour.metrics)
@@ -341,6 +350,11 @@ class DreamerV2(OffPolicyAlgorithm):
         metrics["critic_grad_norm"] = self._optimize("critic", behaviour.critic_loss, policy.critic_optimizer)
         self._n_updates += 1
         return metrics
+
+    def _autocast(self) -> th.autocast:
+        """The autocast context of the training forward passes (disabled for fp32); backward runs outside it."""
+        dtype = PRECISIONS[self.precision]
+        return th.autocast(self.device.type, dtype=dtype or th.float32, enabled=dtype is not None)
 
     def _optimize(self, name: str, loss: th.Tensor, optimizer: th.optim.Optimizer) -> th.Tensor:
         """Backward, clip, check for divergence (before any parameter changes), step, decoupled weight decay."""
