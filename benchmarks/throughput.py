@@ -591,8 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine_label": label, "device": device, "threads": args.threads or torch.get_num_threads(),
             "machine": machine_info(), "matmul_peak": peak, "precision": args.precision, "presets": args.presets,
-            "repeats": args.repeats,
-            "warmup": args.warmup, "cases": results,
+            "repeats": args.repeats, "warmup": args.warmup, "cases": results,
         }
         peer_results = peers.load_peer_results(peer_dir) if peer_dir else {}
         if peer_results:

@@ -106,7 +106,8 @@ def test_packaged_hyperparams():
     assert {"CartPole-v1", "Pendulum-v1", "atari", "default", *minatar} <= set(dreamer)
     for env_id in minatar:
         assert dreamer[env_id]["policy"] == "CnnPolicy" and "image_dist='binary'" in dreamer[env_id]["policy_kwargs"]
-        assert (dreamer[env_id]["batch_size"], dreamer[env_id]["sequence_length"], dreamer[env_id]["train_freq"]) == (16, 32, 8)
+        entry = dreamer[env_id]
+        assert (entry["batch_size"], entry["sequence_length"], entry["train_freq"]) == (16, 32, 8)
     atari = dreamer["atari"]
     assert "frame_stack" not in atari and atari["env_kwargs"]["frameskip"] == 1
     assert (atari["kl_scale"], atari["discount_scale"], atari["gamma"], atari["reward_transform"]) == (0.1, 5.0, 0.999, "tanh")

@@ -282,9 +282,7 @@ class DreamerV2(OffPolicyAlgorithm):
             starts = th.as_tensor(self._last_episode_starts, device=self.device).bool()
         with th.no_grad():  # eval mode: collect_rollouts sets it once per rollout
             action, post = self.policy.step(obs, state, prev_action, starts, deterministic=False)
-            noise = self.exploration_rate()
-            if noise > 0:
-                action = codec.add_noise(action, noise)
+            action = codec.add_noise(action, self.exploration_rate())  # unchanged at 0
         self._last_state = (post, action)  # the action taken, noise included, is what the RSSM sees next
         buffer_actions = codec.model_to_buffer(action)
         return codec.buffer_to_env(buffer_actions), buffer_actions
