@@ -179,6 +179,40 @@ def test_actor_grad_selects_the_gradient_estimator(batch, monkeypatch, actor_gra
     assert gradients(losses.actor_loss, ac.actor) > 0
 
 
+@pytest.mark.parametrize("policy_kwargs,rho,gathers", [({}, 1.0, True), (dict(latent_features="stoch"), 1.0, True),
+                                                      (dict(latent_type="gaussian"), 1.0, False), ({}, 0.0, False)])
+def test_reinforce_imagination_gathers_one_hot_latents_with_unchanged_losses(batch, monkeypatch, policy_kwargs, rho,
+                                                                             gathers):
+    """Without dynamics backpropagation the heads gather the latents' weight columns: same losses and gradients."""
+    model = make_model(policy_kwargs)
+    wm, ac = model.policy.world_model, model.policy.actor_critic
+    with th.no_grad():
+        _, post, _ = wm.loss(batch, 0.99)
+    start = flatten_states(post)
+    wm.requires_grad_(False)
+
+    def behaviour() -> tuple[th.Tensor, list[th.Tensor]]:
+        th.manual_seed(7)
+        losses = ac.loss(wm, start, batch.is_terminal.reshape(-1), 4, 0.99, 0.95, rho, 1e-3)
+        grads = th.autograd.grad(losses.actor_loss + losses.critic_loss, [*ac.actor.parameters(), *ac.critic.parameters()])
+        return th.stack([losses.actor_loss, losses.critic_loss]), list(grads)
+
+    th.manual_seed(7)
+    trajectory = ac.imagine(wm, start, 4, backprop=rho < 1)
+    assert (trajectory.onehot is not None) == gathers
+    if gathers:
+        assert trajectory.onehot.index.shape == (5, 32, wm.rssm.stoch_size)
+        stoch = trajectory.features[..., : wm.rssm.stoch_dim]
+        th.testing.assert_close(th.zeros_like(stoch).scatter_(-1, trajectory.onehot.index, 1.0), stoch)
+    assert trajectory.log_probs.shape == trajectory.entropy.shape == (4, 32)
+    gathered_losses, gathered_grads = behaviour()
+    monkeypatch.setattr(wm, "features_onehot", lambda state: None)  # dense heads everywhere
+    dense_losses, dense_grads = behaviour()
+    th.testing.assert_close(gathered_losses, dense_losses)
+    for gathered, dense in zip(gathered_grads, dense_grads):
+        th.testing.assert_close(gathered, dense)
+
+
 VARIANTS = {
     "default": ({}, {}),
     "fully_discrete": (dict(latent_features="stoch"), {}),

@@ -102,6 +102,57 @@ class TestRSSM:
         assert rssm.entropy(th.zeros(1, 2, 4)).item() == pytest.approx(2 * np.log(4))
 
 
+class TestOneHotPrefix:
+    """Heads and the recurrent input layer gather the weight columns of one-hot latents instead of a dense product."""
+
+    @pytest.mark.parametrize("dense_dim", [5, 0])  # features [z, h], and z alone (latent_features="stoch")
+    def test_onehot_linear_is_the_dense_layer_with_the_same_weight_gradients(self, dense_dim):
+        th.manual_seed(0)
+        layer = th.nn.Linear(3 * 4 + dense_dim, 6)
+        index = th.randint(0, 4, (2, 7, 3)) + th.arange(0, 12, 4)  # [2, 7, K=3] flat positions
+        z = th.zeros(2, 7, 12).scatter_(-1, index, 1.0)
+        dense = th.randn(2, 7, dense_dim, requires_grad=True)
+        x = th.cat([z, dense], dim=-1)
+        expected = layer(x)
+        grads_expected = th.autograd.grad(expected.square().sum(), [layer.weight, layer.bias, dense])
+        out = networks.onehot_linear(layer, x, networks.OneHotPrefix(index, 12))
+        grads = th.autograd.grad(out.square().sum(), [layer.weight, layer.bias, dense], allow_unused=dense_dim == 0)
+        th.testing.assert_close(out, expected)
+        for grad, grad_expected in zip(grads, grads_expected):
+            th.testing.assert_close(grad if grad is not None else th.zeros_like(grad_expected), grad_expected)
+
+    def test_mlp_uses_the_prefix_only_where_no_gradient_must_reach_the_input(self, monkeypatch):
+        th.manual_seed(0)
+        net = networks.mlp(8 + 3, 2, layers=2, units=5)
+        assert list(net.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]  # as before
+        index = th.tensor([[1, 6], [3, 4]])
+        x = th.cat([th.zeros(2, 8).scatter_(-1, index, 1.0), th.randn(2, 3)], dim=-1)
+        calls = []
+        real = networks.onehot_linear
+        monkeypatch.setattr(networks, "onehot_linear", lambda *args: calls.append(1) or real(*args))
+        th.testing.assert_close(net(x, networks.OneHotPrefix(index, 8)), net(x))
+        assert len(calls) == 1
+        x.requires_grad_(True)  # straight-through latents: the gradient must reach z, so the dense product is used
+        net(x, networks.OneHotPrefix(index, 8)).sum().backward()
+        assert len(calls) == 1 and x.grad is not None and x.grad[:, :8].abs().sum() > 0
+
+    def test_rssm_onehot_finds_the_samples_and_the_prior_step_agrees(self):
+        rssm = make_rssm(classes=4)
+        state = rssm.initial(3, th.device("cpu"))
+        state = rssm.img_step(state._replace(stoch=rssm.img_step(state, th.zeros(3, 3)).stoch), th.zeros(3, 3))
+        prefix = rssm.onehot(state.stoch)
+        assert prefix.width == 8 and prefix.index.shape == (3, 2)
+        th.testing.assert_close(th.zeros(3, 8).scatter_(-1, prefix.index, 1.0), state.stoch)
+        action = th.randn(3, 3)
+        th.manual_seed(5)
+        sparse = rssm.img_step(state, action, prev_onehot=prefix)
+        th.manual_seed(5)
+        dense = rssm.img_step(state, action)
+        th.testing.assert_close(sparse.deter, dense.deter)
+        th.testing.assert_close(sparse.stoch, dense.stoch)
+        assert make_rssm(classes=0).onehot(th.randn(3, 2)) is None  # Gaussian latents have no one-hot prefix
+
+
 class TestLayerNormGRU:
     def test_update_gate_bias_and_layer_norm(self):
         cell = LayerNormGRUCell(3, 4)

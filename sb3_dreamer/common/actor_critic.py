@@ -15,7 +15,7 @@ from torch import nn
 
 from sb3_dreamer.common.distributions import ActionCodec, ActionDistribution
 from sb3_dreamer.common.losses import actor_objective, critic_loss, discount_weights, lambda_return
-from sb3_dreamer.common.networks import mlp
+from sb3_dreamer.common.networks import OneHotPrefix, mlp
 from sb3_dreamer.common.type_aliases import RSSMState
 from sb3_dreamer.common.world_model import WorldModel
 
@@ -24,6 +24,11 @@ class ImaginedTrajectory(NamedTuple):
     features: th.Tensor  # [H + 1, N, F] model features of s_0 .. s_H
     log_probs: th.Tensor  # [H, N] ln π(a_t | s_t) of the action taken at s_t (t = 0 .. H - 1)
     entropy: th.Tensor  # [H, N] H[π(· | s_t)]
+    onehot: OneHotPrefix | None  # [H + 1, N, K] one-hot prefix of the features (None: dense heads)
+
+    def rows(self, key: Any) -> OneHotPrefix | None:
+        """The one-hot prefix of ``features[key]``."""
+        return None if self.onehot is None else self.onehot[key]
 
 
 class BehaviourLosses(NamedTuple):
@@ -85,13 +90,13 @@ class ActorCritic(nn.Module):
         self.slow_critic.requires_grad_(False)
         self.return_normalizer = ReturnNormalizer()
 
-    def policy(self, features: th.Tensor) -> ActionDistribution:
-        """π(· | s_t) from features ``[N, F]``."""
-        return self.action_codec.distribution(self.actor(features).float())
+    def policy(self, features: th.Tensor, onehot: OneHotPrefix | None = None) -> ActionDistribution:
+        """π(· | s_t) from features ``[*, F]`` (``onehot``: their one-hot prefix, see :class:`~.networks.MLP`)."""
+        return self.action_codec.distribution(self.actor(features, onehot).float())
 
-    def value(self, features: th.Tensor, slow: bool = False) -> th.Tensor:
+    def value(self, features: th.Tensor, slow: bool = False, onehot: OneHotPrefix | None = None) -> th.Tensor:
         """v(s_t) (or the slow critic's): ``[*]``."""
-        return (self.slow_critic if slow else self.critic)(features).squeeze(-1).float()
+        return (self.slow_critic if slow else self.critic)(features, onehot).squeeze(-1).float()
 
     def update_slow_critic(self) -> None:
         """Hard copy of the critic into the slow critic."""
@@ -101,9 +106,30 @@ class ActorCritic(nn.Module):
         """Roll the actor through the world model's prior for ``horizon`` steps from ``start`` (``[N, ...]``).
 
         The actor reads stop-gradient features. With ``backprop`` the sampled actions carry straight-through gradients
-        into the (frozen) dynamics, for the dynamics-backpropagation objective; without it the dynamics run without
-        recording a graph and only the actor's log-probabilities and entropies are differentiable (Reinforce).
+        into the (frozen) dynamics, for the dynamics-backpropagation objective. Without it (Reinforce) the rollout
+        records no graph at all: the actor's log-probabilities and entropies are computed afterwards, in one batch over
+        the H imagined states (as the official actor loss does), and the one-hot latents of the rollout are kept so
+        the heads can gather their first layer (:class:`~.networks.OneHotPrefix`).
         """
+        if backprop:
+            return self._imagine_backprop(world_model, start, horizon)
+        with th.no_grad():
+            state = start
+            features, onehots, actions = [world_model.features(state)], [world_model.features_onehot(state)], []
+            for _ in range(horizon):
+                actions.append(self.policy(features[-1], onehots[-1]).rsample())  # [N, A]
+                state = world_model.rssm.img_step(state, actions[-1], prev_onehot=onehots[-1])
+                features.append(world_model.features(state))
+                onehots.append(world_model.features_onehot(state))
+        onehot = None
+        if onehots[0] is not None:
+            onehot = OneHotPrefix(th.stack([prefix.index for prefix in onehots]), onehots[0].width)  # [H + 1, N, K]
+        trajectory = ImaginedTrajectory(th.stack(features), th.empty(0), th.empty(0), onehot)
+        policy = self.policy(trajectory.features[:-1], trajectory.rows(slice(None, -1)))  # π(· | s_t), t < H: [H, N]
+        return trajectory._replace(log_probs=policy.log_prob(th.stack(actions)), entropy=policy.entropy())
+
+    def _imagine_backprop(self, world_model: WorldModel, start: RSSMState, horizon: int) -> ImaginedTrajectory:
+        """:meth:`imagine` with straight-through actions and a graph through the dynamics, step by step."""
         state = start
         features = [world_model.features(state)]
         log_probs, entropy = [], []
@@ -112,10 +138,9 @@ class ActorCritic(nn.Module):
             action = policy.rsample()  # [N, A]
             log_probs.append(policy.log_prob(action.detach()))
             entropy.append(policy.entropy())
-            with th.set_grad_enabled(backprop):
-                state = world_model.rssm.img_step(state, action if backprop else action.detach())
-                features.append(world_model.features(state))
-        return ImaginedTrajectory(th.stack(features), th.stack(log_probs), th.stack(entropy))
+            state = world_model.rssm.img_step(state, action)
+            features.append(world_model.features(state))
+        return ImaginedTrajectory(th.stack(features), th.stack(log_probs), th.stack(entropy), None)
 
     def loss(
         self,
@@ -147,14 +172,14 @@ class ActorCritic(nn.Module):
         trajectory = self.imagine(world_model, start, horizon, backprop)
         features = trajectory.features  # [H + 1, N, F]
         with th.set_grad_enabled(backprop):
-            rewards = world_model.reward(features[:-1])  # r̂_t for t = 0 .. H - 1: [H, N]
+            rewards = world_model.reward(features[:-1], trajectory.rows(slice(None, -1)))  # r̂_t, t = 0 .. H - 1: [H, N]
             if predict_discount:
-                discounts = world_model.discount(features[1:-1])  # γ̂_t for t = 1 .. H - 1: [H - 1, N]
+                discounts = world_model.discount(features[1:-1], trajectory.rows(slice(1, -1)))  # γ̂_t, t = 1 .. H - 1
             else:
                 discounts = th.full_like(rewards[1:], gamma)
             first = gamma * (~is_terminal).float()  # the real discount of the start state
             discounts = th.cat([first.unsqueeze(0), discounts], dim=0)  # [H, N]
-            values = self.value(features, slow=True)  # [H + 1, N]
+            values = self.value(features, slow=True, onehot=trajectory.onehot)  # [H + 1, N]
             returns = lambda_return(rewards, values[:-1], discounts, values[-1], lambda_)  # [H, N]
         weights = discount_weights(discounts)  # [H, N]
         return_scale = self.return_normalizer.update(returns) if normalize_returns else th.ones((), device=returns.device)
@@ -164,7 +189,7 @@ class ActorCritic(nn.Module):
             trajectory.log_probs[:-1], trajectory.entropy[:-1], returns[1:], values[:-2].detach(), weights[:-1],
             reinforce_mix, entropy_coef, return_scale,
         )
-        critic_values = self.value(features[:-1].detach())  # [H, N]
+        critic_values = self.value(features[:-1].detach(), onehot=trajectory.rows(slice(None, -1)))  # [H, N]
         critic_loss_value = critic_loss(critic_values, returns, weights)
         metrics = {
             "actor_loss": actor_loss.detach(),

@@ -13,8 +13,10 @@ Observations are preprocessed as in the official code: ``uint8`` images to ``x /
 preprocessed observations.
 """
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -26,7 +28,79 @@ from torch.nn import functional as F
 from sb3_dreamer.common.type_aliases import ObsTensor, TensorDict
 
 
-def mlp(input_dim: int, output_dim: int, layers: int, units: int, layer_norm: bool = False) -> nn.Sequential:
+@dataclasses.dataclass(frozen=True)
+class OneHotPrefix:
+    """The leading ``width`` inputs of a layer are a flattened one-hot (several categoricals) with its ones at ``index``.
+
+    The model features [z_t, h_t] and the recurrent model's input [z_t, a_t] start with the one-hot latents z_t; a layer
+    that knows it can gather the K weight columns of the ones instead of multiplying by ``width - K`` zeros
+    (:func:`onehot_linear`). Index it like the features it describes: ``prefix[:-1]`` goes with ``features[:-1]``.
+    """
+
+    index: th.Tensor  # [*, K] flat positions of the ones in [0, width), K = number of categoricals
+    width: int
+
+    def __getitem__(self, key: Any) -> "OneHotPrefix":
+        return OneHotPrefix(self.index[key], self.width)
+
+
+class _OneHotMatmul(th.autograd.Function):
+    """``onehot(index) @ weight`` for ``index`` ``[N, K]`` into the rows of ``weight`` ``[width, out]``: a sum of rows.
+
+    The backward scatters the output gradient back to the K rows of each input (``index_add_`` once per categorical),
+    about 3x faster on the CPU than ``F.embedding_bag``'s own backward, which sorts the indices first.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, index: th.Tensor, weight: th.Tensor) -> th.Tensor:
+        ctx.save_for_backward(index)
+        ctx.weight_shape = weight.shape
+        return F.embedding_bag(index, weight.contiguous(), mode="sum")  # [N, out]
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[None, th.Tensor]:
+        (index,) = ctx.saved_tensors
+        grad_weight = grad.new_zeros(ctx.weight_shape)
+        for column in index.unbind(-1):  # one categorical at a time: [N] rows of the weight, repeats summed
+            grad_weight.index_add_(0, column, grad)
+        return None, grad_weight
+
+
+def onehot_linear(layer: nn.Linear, x: th.Tensor, prefix: OneHotPrefix) -> th.Tensor:
+    """``layer(x)`` for ``x`` ``[*, in]`` whose first ``prefix.width`` entries are the one-hot described by ``prefix``.
+
+    The one-hot part is a sum of K weight columns; only the dense rest is a matrix product. With 32 x 32 latents that
+    skips 1024 - 32 of the input dims: the heads' first layers in imagination cost about a third (GRU 600) or a sixth
+    (GRU 200) of the dense product. Gradients reach the weights and the dense inputs, not the one-hot part: use it only
+    where z_t needs no gradient (:meth:`MLP.forward` checks).
+    """
+    width = prefix.width
+    batch = x.shape[:-1]
+    index = prefix.index.reshape(-1, prefix.index.shape[-1])  # [N, K]
+    gathered = _OneHotMatmul.apply(index, layer.weight[:, :width].t())  # [N, out]
+    dense = F.linear(x[..., width:].reshape(index.shape[0], -1), layer.weight[:, width:], layer.bias)  # [N, out]
+    return (dense + gathered.to(dense.dtype)).reshape(*batch, layer.out_features)
+
+
+def needs_input_grad(x: th.Tensor) -> bool:
+    return th.is_grad_enabled() and x.requires_grad
+
+
+class MLP(nn.Sequential):
+    """``nn.Sequential`` of dense layers whose forward can use a known one-hot prefix of its input (same state dict)."""
+
+    def forward(self, x: th.Tensor, onehot: OneHotPrefix | None = None) -> th.Tensor:
+        """``[*, in]`` -> ``[*, out]``; with ``onehot`` (and no gradient needed for ``x``) via :func:`onehot_linear`."""
+        if onehot is None or needs_input_grad(x):
+            return super().forward(x)
+        modules = iter(self)
+        x = onehot_linear(next(modules), x, onehot)  # type: ignore[arg-type]
+        for module in modules:
+            x = module(x)
+        return x
+
+
+def mlp(input_dim: int, output_dim: int, layers: int, units: int, layer_norm: bool = False) -> MLP:
     """``layers`` hidden layers of ``units`` ELU units (optionally layer-normed), then a linear output layer."""
     modules: list[nn.Module] = []
     last = input_dim
@@ -37,7 +111,7 @@ def mlp(input_dim: int, output_dim: int, layers: int, units: int, layer_norm: bo
         modules.append(nn.ELU())
         last = units
     modules.append(nn.Linear(last, output_dim))
-    return nn.Sequential(*modules)
+    return MLP(*modules)
 
 
 class ObservationCodec:

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from sb3_dreamer.common.distributions import ActionCodec
 from sb3_dreamer.common.losses import kl_balance
-from sb3_dreamer.common.networks import MultiDecoder, MultiEncoder, mlp
+from sb3_dreamer.common.networks import MultiDecoder, MultiEncoder, OneHotPrefix, mlp
 from sb3_dreamer.common.rssm import RSSM
 from sb3_dreamer.common.type_aliases import RSSMState, SequenceSamples
 
@@ -74,13 +74,17 @@ class WorldModel(nn.Module):
             out = {k: th.sigmoid(v) - 0.5 if k in self.decoder.cnn_keys else v for k, v in out.items()}
         return out
 
-    def reward(self, features: th.Tensor) -> th.Tensor:
-        """Mean of the reward head (transformed rewards): ``[*]``."""
-        return self.reward_head(features).squeeze(-1).float()
+    def features_onehot(self, state: RSSMState) -> OneHotPrefix | None:
+        """The one-hot prefix of :meth:`features` for sampled states (z_t comes first in both layouts)."""
+        return self.rssm.onehot(state.stoch)
 
-    def discount(self, features: th.Tensor) -> th.Tensor:
-        """Mean of the discount head, γ̂ in [0, 1]: ``[*]``."""
-        return th.sigmoid(self.discount_head(features).squeeze(-1).float())
+    def reward(self, features: th.Tensor, onehot: OneHotPrefix | None = None) -> th.Tensor:
+        """Mean of the reward head (transformed rewards): ``[*]``. ``onehot``: see :class:`~.networks.MLP`."""
+        return self.reward_head(features, onehot).squeeze(-1).float()
+
+    def discount(self, features: th.Tensor, onehot: OneHotPrefix | None = None) -> th.Tensor:
+        """Mean of the discount head, γ̂ in [0, 1]: ``[*]``. ``onehot``: see :class:`~.networks.MLP`."""
+        return th.sigmoid(self.discount_head(features, onehot).squeeze(-1).float())
 
     def reconstruction_losses(self, features: th.Tensor, inputs: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
         """Negative log-likelihood (up to constants) of each observation key, summed over its dims: ``{key: [B, T]}``."""
