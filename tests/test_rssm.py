@@ -198,6 +198,25 @@ class TestNetworks:
         decoder = networks.ConvDecoder(16, ConvEncoder((1, 64, 64), depth=4), channels=1)
         assert type(decoder.net[0]) is networks.PointConvTranspose2d  # the official decoder's first layer
 
+    @pytest.mark.parametrize("c_out,kernel,stride", [(1, 6, 2), (3, 5, 2), (2, 6, 3), (4, 4, 1)])
+    def test_phase_transposed_convolution_is_the_same_layer(self, c_out, kernel, stride):
+        th.manual_seed(0)
+        reference = th.nn.ConvTranspose2d(6, c_out, kernel, stride).double()
+        phase = networks.PhaseConvTranspose2d(6, c_out, kernel, stride).double()
+        phase.load_state_dict(reference.state_dict())  # same parameters, same state dict keys
+        x_ref = th.randn(2, 6, 7, 5, dtype=th.float64, requires_grad=True)
+        x = x_ref.detach().clone().requires_grad_()
+        expected, got = reference(x_ref), phase(x)
+        assert got.shape == expected.shape == (2, c_out, (7 - 1) * stride + kernel, (5 - 1) * stride + kernel)
+        th.testing.assert_close(got, expected)
+        (expected * th.arange(expected.numel()).view_as(expected)).sum().backward()
+        (got * th.arange(got.numel()).view_as(got)).sum().backward()
+        th.testing.assert_close(x.grad, x_ref.grad)
+        th.testing.assert_close(phase.weight.grad, reference.weight.grad)
+        th.testing.assert_close(phase.bias.grad, reference.bias.grad)
+        decoder = networks.ConvDecoder(16, ConvEncoder((1, 64, 64), depth=4), channels=1)
+        assert type(decoder.net[-1]) is networks.PhaseConvTranspose2d  # the official decoder's last layer
+
     def test_small_batches_use_the_native_cpu_convolution_with_the_same_result(self, monkeypatch):
         th.manual_seed(0)
         encoder = ConvEncoder((1, 64, 64), depth=8)

@@ -253,6 +253,39 @@ class PointConvTranspose2d(nn.ConvTranspose2d):
         return out.contiguous(memory_format=th.channels_last)
 
 
+class PhaseConvTranspose2d(nn.ConvTranspose2d):
+    """A stride-s transposed convolution computed as one ordinary convolution and a pixel shuffle (on the CPU).
+
+    Output pixel ``s * q + r`` (per axis) only sees the kernel taps ``j = s * m + r``, so the s² output phases are s²
+    ordinary correlations of the input with flipped sub-kernels of size ceil(k / s), stacked as channels and
+    interleaved by ``F.pixel_shuffle`` (a kernel that is not a multiple of s is zero-padded and the extra row and column
+    cropped). The official decoder's last layer (48 -> 1 channel, kernel 6, 30x30 -> 64x64) is the case it is for: the
+    CPU transposed-convolution kernel runs it at a few GFLOP/s, and this is 2-3x faster forward and about 2x forward +
+    backward (batch 800, one thread). Same parameters and state dict as ``nn.ConvTranspose2d``; other devices and
+    configurations go through it unchanged.
+    """
+
+    def forward(self, x: th.Tensor, output_size: list[int] | None = None) -> th.Tensor:
+        stride = self.stride[0]
+        plain = (self.padding == (0, 0) and self.output_padding == (0, 0) and self.dilation == (1, 1) and self.groups == 1
+                 and self.stride == (stride, stride) and self.kernel_size[0] == self.kernel_size[1])
+        if x.device.type != "cpu" or output_size is not None or not plain or stride == 1:
+            return super().forward(x, output_size)
+        kernel = self.kernel_size[0]
+        taps = -(-kernel // stride)  # ceil(k / s): sub-kernel size
+        extra = taps * stride - kernel
+        weight = F.pad(self.weight, (0, extra, 0, extra)) if extra else self.weight  # [C_in, C_out, s*taps, s*taps]
+        c_in, c_out = weight.shape[:2]
+        weight = weight.reshape(c_in, c_out, taps, stride, taps, stride).flip(2, 4)  # tap j = s * m + r, m reversed
+        weight = weight.permute(1, 3, 5, 0, 2, 4).reshape(c_out * stride * stride, c_in, taps, taps)  # (c, r_h, r_w)
+        out = F.pixel_shuffle(F.conv2d(x, weight, padding=taps - 1), stride)  # [N, C_out, s * (H + taps - 1), ...]
+        if extra:
+            out = out[..., : out.shape[-2] - extra, : out.shape[-1] - extra]
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out.contiguous(memory_format=th.channels_last)
+
+
 class ConvDecoder(nn.Module):
     """Transposed CNN from features ``[*, F]`` to an image ``[*, C, H, W]``.
 
@@ -272,7 +305,8 @@ class ConvDecoder(nn.Module):
             in_ch = 32 * depth
             for i, kernel in enumerate((5, 5, 6, 6)):
                 out_ch = channels if i == 3 else 2 ** (2 - i) * depth
-                layers.append((PointConvTranspose2d if i == 0 else nn.ConvTranspose2d)(in_ch, out_ch, kernel, 2))
+                layer_type = PointConvTranspose2d if i == 0 else PhaseConvTranspose2d if i == 3 else nn.ConvTranspose2d
+                layers.append(layer_type(in_ch, out_ch, kernel, 2))
                 if i < 3:
                     layers.append(nn.ELU())
                 in_ch = out_ch
