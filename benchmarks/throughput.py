@@ -20,14 +20,15 @@ measures:
 Presets (batch 16 x 50, horizon 15 unless noted): ``small`` = CartPole-like vectors (4 floats, 2 actions) and "small
 Pong" (64x64x1 uint8, 6 actions) with the ``small`` model (GRU 200, dense 2 x 200, CNN depth 16) and 32 x 32 latents,
 the sizes of the sheeprl "small" peer runs; ``atari`` = 64x64x1, 6 actions, the paper's model (GRU 600, 32 x 32
-latents, dense 4 x 400, CNN depth 48); ``tiny`` = a toy model for smoke tests (``--quick``).
+latents, dense 4 x 400, CNN depth 48); ``minatar`` = the MinAtar zoo entry (``small`` model, 10x10x4 bool grids,
+16 x 32) that the learning benchmark trains; ``tiny`` = a toy model for smoke tests (``--quick``).
 
 Output: ``benchmarks/results/throughput/<machine>-<device>.json`` and ``.md`` (the markdown includes the sheeprl /
 SB3 DQN peer numbers when a peer results folder exists, see ``benchmarks/peers.py``).
 
 Usage::
 
-    python -m benchmarks.throughput                                   # presets small atari, cpu (+ cuda if present)
+    python -m benchmarks.throughput                                   # presets small minatar atari, cpu (+ cuda)
     python -m benchmarks.throughput --presets small --devices cpu --repeats 20 --threads 2
     python -m benchmarks.throughput --quick --out-dir /tmp/tp           # tiny model, 1 repeat (smoke test)
 """
@@ -64,7 +65,7 @@ PEER_SMALL = dict(deter_size=200, hidden_size=200, mlp_layers=2, mlp_units=200, 
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    obs: str  # "vector4" | "image64"
+    obs: str  # "vector4" | "image64" | "grid10"
     n_actions: int
     policy: str
     policy_kwargs: dict[str, Any]
@@ -93,6 +94,10 @@ CASES: dict[str, Case] = {
         "ours-small-cartpole", "vector4", 2, "MlpPolicy", dict(preset="small"), sequence_length=32,
         description="our small preset as the CartPole zoo entry runs it: GRU 128, dense 2x128, 16x16 latents, 16 x 32",
     ),
+    "minatar": Case(
+        "minatar", "grid10", 3, "CnnPolicy", dict(preset="small", image_dist="binary"), sequence_length=32,
+        description="the MinAtar entry as the learning benchmark runs it: 10x10x4 bool (Breakout), 3 actions, 16 x 32",
+    ),
     "atari": Case(
         "atari", "image64", 6, "CnnPolicy", dict(preset="atari"),
         peer="dv2_atari", description="64x64x1 uint8, 6 actions; the paper's model: GRU 600, 32x32, dense 4x400, CNN x48",
@@ -101,6 +106,7 @@ CASES: dict[str, Case] = {
 PRESETS: dict[str, tuple[str, ...]] = {
     "tiny": ("tiny-vector",),
     "small": ("small-cartpole", "small-pong", "ours-small-cartpole"),
+    "minatar": ("minatar",),
     "atari": ("atari",),
 }
 
@@ -115,6 +121,8 @@ def make_spaces(case: Case) -> tuple[Any, Any]:
         obs_space = spaces.Box(-high, high, dtype=np.float32)
     elif case.obs == "image64":
         obs_space = spaces.Box(0, 255, (1, 64, 64), dtype=np.uint8)
+    elif case.obs == "grid10":  # MinAtar: channel-last binary grids
+        obs_space = spaces.Box(0, 1, (10, 10, 4), dtype=bool)
     else:
         raise ValueError(case.obs)
     return obs_space, spaces.Discrete(case.n_actions)
@@ -125,6 +133,8 @@ def random_obs(obs_space: Any, n: int, rng: Any) -> Any:
 
     if obs_space.dtype == np.uint8:
         return rng.integers(0, 256, size=(n, *obs_space.shape), dtype=np.uint8)
+    if obs_space.dtype == bool:
+        return rng.random(size=(n, *obs_space.shape)) < 0.1
     return rng.normal(size=(n, *obs_space.shape)).astype(obs_space.dtype)
 
 
@@ -527,7 +537,7 @@ def render_markdown(result: dict[str, Any], peers_md: str = "") -> str:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["small", "atari"])
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["small", "minatar", "atari"])
     parser.add_argument("--devices", nargs="+", help="cpu and/or cuda (default: cpu, plus cuda when present)")
     parser.add_argument("--repeats", type=int, default=20, help="timed gradient steps per case (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="gradient steps discarded first")

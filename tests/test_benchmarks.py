@@ -306,6 +306,20 @@ def test_throughput_quick_writes_valid_json(tmp_path):
     assert data["precision"] == "fp32" and data["matmul_peak"]["dtype"] == "fp32"
 
 
+def test_throughput_cases_sample_observations_of_their_spaces():
+    from benchmarks import throughput
+
+    rng = np.random.default_rng(0)
+    assert {name for names in throughput.PRESETS.values() for name in names} == set(throughput.CASES)
+    for case in throughput.CASES.values():
+        obs_space, action_space = throughput.make_spaces(case)
+        obs = throughput.random_obs(obs_space, 3, rng)
+        assert obs.shape == (3, *obs_space.shape) and obs.dtype == obs_space.dtype, case.name
+        assert action_space.n == case.n_actions
+    minatar = throughput.CASES["minatar"]  # the spaces and sizes the MinAtar learning runs train
+    assert throughput.make_spaces(minatar)[0].shape == (10, 10, 4) and minatar.sequence_length == 32
+
+
 def test_throughput_bf16_opt_in_writes_its_own_files(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--quick", "--devices", "cpu", "--threads", "1", "--no-flops",
