@@ -259,10 +259,10 @@ class PhaseConvTranspose2d(nn.ConvTranspose2d):
     Output pixel ``s * q + r`` (per axis) only sees the kernel taps ``j = s * m + r``, so the s² output phases are s²
     ordinary correlations of the input with flipped sub-kernels of size ceil(k / s), stacked as channels and
     interleaved by ``F.pixel_shuffle`` (a kernel that is not a multiple of s is zero-padded and the extra row and column
-    cropped). The official decoder's last layer (48 -> 1 channel, kernel 6, 30x30 -> 64x64) is the case it is for: the
-    CPU transposed-convolution kernel runs it at a few GFLOP/s, and this is 2-3x faster forward and about 2x forward +
-    backward (batch 800, one thread). Same parameters and state dict as ``nn.ConvTranspose2d``; other devices and
-    configurations go through it unchanged.
+    cropped). The official decoder's last layer (depth -> 1 channel, kernel 6, 30x30 -> 64x64) is the case it is for:
+    the CPU transposed-convolution kernel runs it at a few GFLOP/s; this is about 3x faster forward and 1.5x (depth 48)
+    to 2x (depth 16) forward + backward (batch 800, one thread). The wider layers before it are faster as they are.
+    Same parameters and state dict as ``nn.ConvTranspose2d``; other devices and configurations go through it unchanged.
     """
 
     def forward(self, x: th.Tensor, output_size: list[int] | None = None) -> th.Tensor:
