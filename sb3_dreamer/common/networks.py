@@ -83,6 +83,7 @@ def onehot_linear(layer: nn.Linear, x: th.Tensor, prefix: OneHotPrefix) -> th.Te
 
 
 def needs_input_grad(x: th.Tensor) -> bool:
+    """Whether autograd will differentiate with respect to ``x`` here (then a one-hot prefix must stay dense)."""
     return th.is_grad_enabled() and x.requires_grad
 
 
