@@ -16,6 +16,19 @@ def make_rssm(classes: int = 4) -> RSSM:
     return RSSM(action_dim=3, embed_dim=5, deter_size=8, hidden_size=8, stoch_size=2, classes=classes)
 
 
+def assert_same_layer(reference: th.nn.Module, layer: th.nn.Module, x: th.Tensor) -> th.Tensor:
+    """``layer`` computes ``reference``: same output, same gradients for the input, the weight and the bias."""
+    x_ref, x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, got = reference(x_ref), layer(x)
+    th.testing.assert_close(got, expected)
+    (expected * th.arange(expected.numel()).view_as(expected)).sum().backward()
+    (got * th.arange(got.numel()).view_as(got)).sum().backward()
+    th.testing.assert_close(x.grad, x_ref.grad)
+    th.testing.assert_close(layer.weight.grad, reference.weight.grad)
+    th.testing.assert_close(layer.bias.grad, reference.bias.grad)
+    return got
+
+
 class TestRSSM:
     def test_is_first_resets_previous_state_and_action(self):
         rssm = make_rssm()
@@ -183,17 +196,9 @@ class TestNetworks:
         reference = th.nn.ConvTranspose2d(12, 5, 5, 2)
         point = networks.PointConvTranspose2d(12, 5, 5, 2)
         point.load_state_dict(reference.state_dict())  # same parameters, same state dict keys
+        reference.double(), point.double()
         for shape in [(3, 12, 1, 1), (2, 12, 3, 4)]:  # 1x1: the GEMM; larger: the parent's kernel
-            x_ref = th.randn(shape, dtype=th.float64, requires_grad=True)
-            x = x_ref.detach().clone().requires_grad_()
-            reference.double(), point.double()
-            expected, got = reference(x_ref), point(x)
-            th.testing.assert_close(got, expected)
-            (expected * th.arange(expected.numel()).view_as(expected)).sum().backward()
-            (got * th.arange(got.numel()).view_as(got)).sum().backward()
-            th.testing.assert_close(x.grad, x_ref.grad)
-            th.testing.assert_close(point.weight.grad, reference.weight.grad)
-            th.testing.assert_close(point.bias.grad, reference.bias.grad)
+            assert_same_layer(reference, point, th.randn(shape, dtype=th.float64))
             reference.zero_grad(), point.zero_grad()
         decoder = networks.ConvDecoder(16, ConvEncoder((1, 64, 64), depth=4), channels=1)
         assert type(decoder.net[0]) is networks.PointConvTranspose2d  # the official decoder's first layer
@@ -204,16 +209,8 @@ class TestNetworks:
         reference = th.nn.ConvTranspose2d(6, c_out, kernel, stride).double()
         phase = networks.PhaseConvTranspose2d(6, c_out, kernel, stride).double()
         phase.load_state_dict(reference.state_dict())  # same parameters, same state dict keys
-        x_ref = th.randn(2, 6, 7, 5, dtype=th.float64, requires_grad=True)
-        x = x_ref.detach().clone().requires_grad_()
-        expected, got = reference(x_ref), phase(x)
-        assert got.shape == expected.shape == (2, c_out, (7 - 1) * stride + kernel, (5 - 1) * stride + kernel)
-        th.testing.assert_close(got, expected)
-        (expected * th.arange(expected.numel()).view_as(expected)).sum().backward()
-        (got * th.arange(got.numel()).view_as(got)).sum().backward()
-        th.testing.assert_close(x.grad, x_ref.grad)
-        th.testing.assert_close(phase.weight.grad, reference.weight.grad)
-        th.testing.assert_close(phase.bias.grad, reference.bias.grad)
+        got = assert_same_layer(reference, phase, th.randn(2, 6, 7, 5, dtype=th.float64))
+        assert got.shape == (2, c_out, (7 - 1) * stride + kernel, (5 - 1) * stride + kernel)
         decoder = networks.ConvDecoder(16, ConvEncoder((1, 64, 64), depth=4), channels=1)
         assert type(decoder.net[-1]) is networks.PhaseConvTranspose2d  # the official decoder's last layer
 

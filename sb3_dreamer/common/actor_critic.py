@@ -121,12 +121,12 @@ class ActorCritic(nn.Module):
                 state = world_model.rssm.img_step(state, actions[-1], prev_onehot=onehots[-1])
                 features.append(world_model.features(state))
                 onehots.append(world_model.features_onehot(state))
+        stacked = th.stack(features)  # [H + 1, N, F]
         onehot = None
         if onehots[0] is not None:
             onehot = OneHotPrefix(th.stack([prefix.index for prefix in onehots]), onehots[0].width)  # [H + 1, N, K]
-        trajectory = ImaginedTrajectory(th.stack(features), th.empty(0), th.empty(0), onehot)
-        policy = self.policy(trajectory.features[:-1], trajectory.rows(slice(None, -1)))  # π(· | s_t), t < H: [H, N]
-        return trajectory._replace(log_probs=policy.log_prob(th.stack(actions)), entropy=policy.entropy())
+        policy = self.policy(stacked[:-1], None if onehot is None else onehot[:-1])  # π(· | s_t), t < H: [H, N]
+        return ImaginedTrajectory(stacked, policy.log_prob(th.stack(actions)), policy.entropy(), onehot)
 
     def _imagine_backprop(self, world_model: WorldModel, start: RSSMState, horizon: int) -> ImaginedTrajectory:
         """:meth:`imagine` with straight-through actions and a graph through the dynamics, step by step."""

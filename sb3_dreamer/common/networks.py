@@ -82,17 +82,12 @@ def onehot_linear(layer: nn.Linear, x: th.Tensor, prefix: OneHotPrefix) -> th.Te
     return (dense + gathered.to(dense.dtype)).reshape(*batch, layer.out_features)
 
 
-def needs_input_grad(x: th.Tensor) -> bool:
-    """Whether autograd will differentiate with respect to ``x`` here (then a one-hot prefix must stay dense)."""
-    return th.is_grad_enabled() and x.requires_grad
-
-
 class MLP(nn.Sequential):
     """``nn.Sequential`` of dense layers whose forward can use a known one-hot prefix of its input (same state dict)."""
 
     def forward(self, x: th.Tensor, onehot: OneHotPrefix | None = None) -> th.Tensor:
         """``[*, in]`` -> ``[*, out]``; with ``onehot`` (and no gradient needed for ``x``) via :func:`onehot_linear`."""
-        if onehot is None or needs_input_grad(x):
+        if onehot is None or (th.is_grad_enabled() and x.requires_grad):  # z_t needs its gradient: dense
             return super().forward(x)
         modules = iter(self)
         x = onehot_linear(next(modules), x, onehot)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from torch.distributions import Independent, Normal, OneHotCategoricalStraightTh
 from torch.nn import functional as F
 
 from sb3_dreamer.common.distributions import argmax_onehot, straight_through_onehot
-from sb3_dreamer.common.networks import OneHotPrefix, needs_input_grad, onehot_linear
+from sb3_dreamer.common.networks import MLP, OneHotPrefix
 from sb3_dreamer.common.type_aliases import RSSMState
 
 
@@ -75,7 +75,7 @@ class RSSM(nn.Module):
         self.discrete = classes > 0
         self.stoch_dim = stoch_size * classes if self.discrete else stoch_size
         stats_dim = stoch_size * classes if self.discrete else 2 * stoch_size
-        self.img_in = nn.Sequential(nn.Linear(self.stoch_dim + action_dim, hidden_size), nn.ELU())
+        self.img_in = MLP(nn.Linear(self.stoch_dim + action_dim, hidden_size), nn.ELU())  # input [z_{t-1}, a_{t-1}]
         self.cell = LayerNormGRUCell(hidden_size, deter_size, layer_norm)
         self.img_out = nn.Sequential(nn.Linear(deter_size, hidden_size), nn.ELU(), nn.Linear(hidden_size, stats_dim))
         self.obs_out = nn.Sequential(
@@ -135,11 +135,7 @@ class RSSM(nn.Module):
         ``prev_onehot`` (:meth:`onehot` of ``prev.stoch``) computes the input layer as a gather where no gradient must
         reach z_{t-1}.
         """
-        inputs = th.cat([prev.stoch, prev_action], dim=-1)
-        if prev_onehot is None or needs_input_grad(inputs):
-            x = self.img_in(inputs)
-        else:
-            x = F.elu(onehot_linear(self.img_in[0], inputs, prev_onehot))  # type: ignore[arg-type]
+        x = self.img_in(th.cat([prev.stoch, prev_action], dim=-1), prev_onehot)
         return self.cell(x, prev.deter)
 
     def img_step(
