@@ -8,6 +8,7 @@ from gymnasium import spaces
 from sb3_dreamer.common import networks
 from sb3_dreamer.common.distributions import ActionCodec, TruncatedNormalActions, argmax_onehot, straight_through_onehot
 from sb3_dreamer.common.networks import ConvEncoder, MultiDecoder, MultiEncoder
+from sb3_dreamer.common import rssm as rssm_module
 from sb3_dreamer.common.rssm import RSSM, LayerNormGRUCell
 
 
@@ -91,6 +92,44 @@ class TestRSSM:
         post_other, _ = rssm.observe(other, actions, is_first)
         assert not th.allclose(post_other.deter[1, 2], post.deter[1, 2])
         th.testing.assert_close(post_other.deter[1, 3], post.deter[1, 3])
+
+    @pytest.mark.parametrize("classes", [4, 0])
+    def test_observe_batches_the_prior_and_embedding_products_with_the_values_of_obs_step(self, classes, monkeypatch):
+        """observe() computes the prior's head and the e_t half of the posterior's input outside the loop: the states,
+        statistics and every parameter gradient equal stepping obs_step (differentiable deterministic z_t, so both
+        paths see the same latents)."""
+        rssm = make_rssm(classes)
+
+        def soft_sample(stats: th.Tensor, sample: bool) -> th.Tensor:  # a smooth stand-in for z_t ~ q, no noise
+            return stats.softmax(-1).flatten(-2) if classes else stats.chunk(2, dim=-1)[0].tanh()
+
+        monkeypatch.setattr(rssm, "_sample", soft_sample)
+        th.manual_seed(1)
+        embed, actions = th.randn(3, 6, 5, requires_grad=True), th.randn(3, 6, 3)
+        is_first = th.zeros(3, 6, dtype=th.bool)
+        is_first[:, 0] = is_first[2, 4] = True
+        weights = [th.randn(3, 6, *shape) for shape in ((8,), (rssm.stoch_dim,), rssm.initial(1, th.device("cpu")).stats.shape[1:])]
+
+        def loss_and_grads(post, prior):
+            loss = sum((w * x).sum() for w, x in zip(weights, (post.deter, post.stoch, post.stats)))
+            loss = loss + (weights[2] * prior.stats).sum() ** 2
+            grads = th.autograd.grad(loss, [embed, *rssm.parameters()], allow_unused=True)
+            return [th.zeros(()) if g is None else g for g in grads]
+
+        post, prior = rssm.observe(embed, actions, is_first)
+        got = loss_and_grads(post, prior)
+        state, posts, priors = rssm.initial(3, th.device("cpu")), [], []
+        for t in range(6):
+            state, step_prior = rssm.obs_step(state, actions[:, t], embed[:, t], is_first[:, t])
+            posts.append(state)
+            priors.append(step_prior)
+        stepped_post, stepped_prior = rssm_module.stack_states(posts, 1), rssm_module.stack_states(priors, 1)
+        for field in ("deter", "stoch", "stats"):
+            th.testing.assert_close(getattr(post, field), getattr(stepped_post, field))
+        th.testing.assert_close(prior.stats, stepped_prior.stats)
+        for g, expected in zip(got, loss_and_grads(stepped_post, stepped_prior)):
+            th.testing.assert_close(g, expected)
+        assert got[0].abs().sum() > 0 and all(g.abs().sum() > 0 for g in got[1:])  # every parameter is reached
 
     def test_categorical_samples_are_one_hot_per_variable(self):
         rssm = make_rssm()
