@@ -173,6 +173,26 @@ class TestOneHotPrefix:
         for grad, grad_expected in zip(grads, grads_expected):
             th.testing.assert_close(grad if grad is not None else th.zeros_like(grad_expected), grad_expected)
 
+    def test_onehot_linear_follows_weight_updates_and_new_tensors(self):
+        """The gather table is cached per weight version: an optimizer step, a state-dict load and an in-place write are
+        all seen."""
+        th.manual_seed(0)
+        layer = th.nn.Linear(8 + 2, 3)
+        index = th.tensor([[1, 6], [3, 4], [0, 7]])
+        x = th.cat([th.zeros(3, 8).scatter_(-1, index, 1.0), th.randn(3, 2)], dim=-1)
+        prefix = networks.OneHotPrefix(index, 8)
+        th.testing.assert_close(networks.onehot_linear(layer, x, prefix), layer(x))
+        optimizer = th.optim.SGD(layer.parameters(), lr=0.5)
+        networks.onehot_linear(layer, x, prefix).square().sum().backward()
+        optimizer.step()
+        th.testing.assert_close(networks.onehot_linear(layer, x, prefix), layer(x))
+        other = th.nn.Linear(8 + 2, 3)
+        layer.load_state_dict(other.state_dict())
+        th.testing.assert_close(networks.onehot_linear(layer, x, prefix), other(x))
+        with th.no_grad():
+            layer.weight[:, :8] = 0.0
+        th.testing.assert_close(networks.onehot_linear(layer, x, prefix), layer(x))
+
     def test_mlp_uses_the_prefix_only_where_no_gradient_must_reach_the_input(self, monkeypatch):
         th.manual_seed(0)
         net = networks.mlp(8 + 3, 2, layers=2, units=5)

@@ -115,13 +115,15 @@ class ActorCritic(nn.Module):
             return self._imagine_backprop(world_model, start, horizon)
         with th.no_grad():
             state = start
-            features, onehots, actions = [world_model.features(state)], [world_model.features_onehot(state)], []
-            for _ in range(horizon):
-                actions.append(self.policy(features[-1], onehots[-1]).rsample())  # [N, A]
+            first = world_model.features(state)
+            stacked = first.new_empty(horizon + 1, *first.shape)  # [H + 1, N, F], filled step by step (no stack)
+            stacked[0] = first
+            onehots, actions = [world_model.features_onehot(state)], []
+            for t in range(horizon):
+                actions.append(self.policy(stacked[t], onehots[-1]).rsample())  # [N, A]
                 state = world_model.rssm.img_step(state, actions[-1], prev_onehot=onehots[-1])
-                features.append(world_model.features(state))
+                world_model.features(state, out=stacked[t + 1])
                 onehots.append(world_model.features_onehot(state))
-        stacked = th.stack(features)  # [H + 1, N, F]
         onehot = None
         if onehots[0] is not None:
             onehot = OneHotPrefix(th.stack([prefix.index for prefix in onehots]), onehots[0].width)  # [H + 1, N, K]

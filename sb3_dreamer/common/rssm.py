@@ -202,11 +202,14 @@ class RSSM(nn.Module):
         prior_stats = self._stats(self.img_out(post.deter))  # [B, T, ...]
         return post, RSSMState(post.deter, self._sample(prior_stats, True), prior_stats)
 
-    def features(self, state: RSSMState, latent_features: str = "full") -> th.Tensor:
-        """Model features fed to the heads: [z_t, h_t] (``"full"``) or z_t alone (``"stoch"``, fully discrete)."""
+    def features(self, state: RSSMState, latent_features: str = "full", out: th.Tensor | None = None) -> th.Tensor:
+        """Model features fed to the heads: [z_t, h_t] (``"full"``) or z_t alone (``"stoch"``, fully discrete).
+
+        ``out``: write them there (e.g. one step's rows of a preallocated trajectory) instead of a new tensor.
+        """
         if latent_features == "stoch":
-            return state.stoch
-        return th.cat([state.stoch, state.deter], dim=-1)
+            return state.stoch if out is None else out.copy_(state.stoch)
+        return th.cat([state.stoch, state.deter], dim=-1, out=out)
 
     def kl(self, lhs_stats: th.Tensor, rhs_stats: th.Tensor) -> th.Tensor:
         """KL(lhs || rhs) summed over the latent variables: ``[*]``."""

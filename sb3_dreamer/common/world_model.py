@@ -59,8 +59,9 @@ class WorldModel(nn.Module):
         self.reward_head = mlp(self.feature_dim, 1, mlp_layers, mlp_units)
         self.discount_head = mlp(self.feature_dim, 1, mlp_layers, mlp_units)
 
-    def features(self, state: RSSMState) -> th.Tensor:
-        return self.rssm.features(state, self.latent_features)
+    def features(self, state: RSSMState, out: th.Tensor | None = None) -> th.Tensor:
+        """Model features of ``state`` (:meth:`RSSM.features`), written into ``out`` when given."""
+        return self.rssm.features(state, self.latent_features, out)
 
     def embed(self, obs: Any) -> tuple[dict[str, th.Tensor], th.Tensor]:
         """Raw observations ``[*batch, ...]`` to (preprocessed inputs, embeddings e_t ``[*batch, E]``)."""
