@@ -237,6 +237,15 @@ class TestLayerNormGRU:
         th.testing.assert_close(out, (1 - th.sigmoid(th.tensor(-1.0))) * h)
         assert isinstance(LayerNormGRUCell(3, 4, layer_norm=False).norm, th.nn.Identity)
 
+    def test_gru_step_is_the_official_formula(self):
+        th.manual_seed(0)
+        cell = LayerNormGRUCell(3, 4)
+        x, h = th.randn(5, 3), th.randn(5, 4)
+        parts = th.nn.functional.layer_norm(th.cat([x, h], -1) @ cell.linear.weight.t(), (12,))  # norm: unit affine
+        reset, candidate, update = th.sigmoid(parts[:, :4]), parts[:, 4:8], th.sigmoid(parts[:, 8:] - 1.0)
+        candidate = th.tanh(reset * candidate)
+        th.testing.assert_close(cell(x, h), update * candidate + (1 - update) * h)
+
 
 class TestNetworks:
     @pytest.mark.parametrize("shape", [(1, 64, 64), (3, 84, 84), (4, 10, 10), (2, 17, 23), (3, 32, 32)])

@@ -184,9 +184,9 @@ class ObservationCodec:
         if not self.channels_first:
             obs = obs.movedim(-1, -3)  # [*, H, W, C] -> [*, C, H, W]
         if obs.dtype == th.uint8:
-            return obs.float() / 255.0 - 0.5
+            return obs.float().div_(255.0).sub_(0.5)  # in place on the fresh float copy: one allocation per batch
         if obs.dtype == th.bool:
-            return obs.float() - 0.5
+            return obs.float().sub_(0.5)
         return obs.float()
 
 

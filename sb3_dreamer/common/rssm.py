@@ -43,7 +43,7 @@ class LayerNormGRUCell(nn.Module):
         reset = th.sigmoid(reset)
         candidate = th.tanh(reset * candidate)
         update = th.sigmoid(update - 1.0)
-        return update * candidate + (1.0 - update) * h
+        return th.lerp(h, candidate, update)  # update * candidate + (1 - update) * h, in one op
 
 
 class RSSM(nn.Module):
