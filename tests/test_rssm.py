@@ -6,9 +6,9 @@ import torch as th
 from gymnasium import spaces
 
 from sb3_dreamer.common import networks
+from sb3_dreamer.common import rssm as rssm_module
 from sb3_dreamer.common.distributions import ActionCodec, TruncatedNormalActions, argmax_onehot, straight_through_onehot
 from sb3_dreamer.common.networks import ConvEncoder, MultiDecoder, MultiEncoder
-from sb3_dreamer.common import rssm as rssm_module
 from sb3_dreamer.common.rssm import RSSM, LayerNormGRUCell
 
 
@@ -108,7 +108,8 @@ class TestRSSM:
         embed, actions = th.randn(3, 6, 5, requires_grad=True), th.randn(3, 6, 3)
         is_first = th.zeros(3, 6, dtype=th.bool)
         is_first[:, 0] = is_first[2, 4] = True
-        weights = [th.randn(3, 6, *shape) for shape in ((8,), (rssm.stoch_dim,), rssm.initial(1, th.device("cpu")).stats.shape[1:])]
+        stats_shape = rssm.initial(1, th.device("cpu")).stats.shape[1:]
+        weights = [th.randn(3, 6, *shape) for shape in ((8,), (rssm.stoch_dim,), stats_shape)]
 
         def loss_and_grads(post, prior):
             loss = sum((w * x).sum() for w, x in zip(weights, (post.deter, post.stoch, post.stats)))

@@ -95,8 +95,8 @@ def onehot_linear(layer: nn.Linear, x: th.Tensor, prefix: OneHotPrefix) -> th.Te
 
     The one-hot part is a sum of K weight columns; only the dense rest is a matrix product. With 32 x 32 latents that
     skips 1024 - 32 of the input dims: the heads' first layers in imagination cost about a third (GRU 600) or a sixth
-    (GRU 200) of the dense product. Gradients reach the weights and the dense inputs,
-    not the one-hot part: use it only where z_t needs no gradient (:meth:`MLP.forward` checks).
+    (GRU 200) of the dense product. Gradients reach the weights and the dense inputs, not the one-hot part: use it only
+    where z_t needs no gradient (:meth:`MLP.forward` checks).
     """
     width = prefix.width
     batch = x.shape[:-1]

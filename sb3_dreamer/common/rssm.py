@@ -10,7 +10,8 @@ Paper symbols:
 
 Stochastic states are ``stoch_size`` categorical variables with ``classes`` classes each, sampled one-hot with
 straight-through gradients; ``classes=0`` selects diagonal Gaussian latents (the paper's ablation), with
-std = 2 * sigmoid(x / 2) + min_std. ``is_first`` zeroes the previous state and action inside :meth:`RSSM.obs_step`.
+std = 2 * sigmoid(x / 2) + min_std. ``is_first`` zeroes the previous state and action inside :meth:`RSSM.obs_step`
+and :meth:`RSSM.observe`.
 """
 
 
