@@ -95,9 +95,9 @@ class TestRSSM:
 
     @pytest.mark.parametrize("classes", [4, 0])
     def test_observe_batches_the_prior_and_embedding_products_with_the_values_of_obs_step(self, classes, monkeypatch):
-        """observe() computes the prior's head and the e_t half of the posterior's input outside the loop: the states,
-        statistics and every parameter gradient equal stepping obs_step (differentiable deterministic z_t, so both
-        paths see the same latents)."""
+        """observe() computes the reset masks, the a_{t-1} half of the recurrent input, the e_t half of the posterior's
+        input and the prior's head outside the loop: the states, statistics and every parameter gradient equal stepping
+        obs_step (differentiable deterministic z_t, so both paths see the same latents)."""
         rssm = make_rssm(classes)
 
         def soft_sample(stats: th.Tensor, sample: bool) -> th.Tensor:  # a smooth stand-in for z_t ~ q, no noise
@@ -174,7 +174,7 @@ class TestOneHotPrefix:
         for grad, grad_expected in zip(grads, grads_expected):
             th.testing.assert_close(grad if grad is not None else th.zeros_like(grad_expected), grad_expected)
 
-    def test_onehot_linear_follows_weight_updates_and_new_tensors(self):
+    def test_onehot_linear_follows_weight_updates(self):
         """The gather table is cached per weight version: an optimizer step, a state-dict load and an in-place write are
         all seen."""
         th.manual_seed(0)

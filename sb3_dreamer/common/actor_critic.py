@@ -115,9 +115,8 @@ class ActorCritic(nn.Module):
             return self._imagine_backprop(world_model, start, horizon)
         with th.no_grad():
             state = start
-            first = world_model.features(state)
-            stacked = first.new_empty(horizon + 1, *first.shape)  # [H + 1, N, F], filled step by step (no stack)
-            stacked[0] = first
+            stacked = start.deter.new_empty(horizon + 1, start.deter.shape[0], world_model.feature_dim)  # [H + 1, N, F]
+            world_model.features(state, out=stacked[0])  # filled step by step: no stack at the end
             onehots, actions = [world_model.features_onehot(state)], []
             for t in range(horizon):
                 actions.append(self.policy(stacked[t], onehots[-1]).rsample())  # [N, A]
