@@ -473,7 +473,9 @@ def render_markdown(result: dict[str, Any], peers_md: str = "") -> str:
         f"Training precision: {result.get('precision', 'fp32')}. "
         f"{result['matmul_peak'].get('dtype', 'fp32')} matmul peak (measured, `torch.mm` "
         f"{result['matmul_peak']['size']}², precision "
-        f"{result['matmul_peak']['matmul_precision']}): **{result['matmul_peak']['gflops']:.0f} GFLOP/s**.", "",
+        f"{result['matmul_peak']['matmul_precision']}): **{result['matmul_peak']['gflops']:.0f} GFLOP/s**."
+        + (" Gradient steps reuse freed memory (`sb3_dreamer.common.allocator`; `SB3_DREAMER_MALLOC=system` switches "
+           "it off)." if result.get("malloc_reuse") else ""), "",
         "## Gradient steps", "",
         "One gradient step = replay sample + world-model update + actor and critic updates (imagination from all "
         "B·T posterior states). Seconds: median [min–max] over the repeats after the warm-up.", "",
@@ -577,6 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from benchmarks import peers
+    from sb3_dreamer.common import allocator
 
     devices = available_devices(args.devices)
     if not devices:
@@ -602,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine_label": label, "device": device, "threads": args.threads or torch.get_num_threads(),
             "machine": machine_info(), "matmul_peak": peak, "precision": args.precision, "presets": args.presets,
             "repeats": args.repeats, "warmup": args.warmup, "cases": results,
+            "malloc_reuse": device.startswith("cpu") and allocator.available(),
         }
         peer_results = peers.load_peer_results(peer_dir) if peer_dir else {}
         if peer_results:

@@ -31,6 +31,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch.nn.utils import clip_grad_norm_
 
 from sb3_dreamer.common import checkpointing
+from sb3_dreamer.common.allocator import reuse_freed_memory
 from sb3_dreamer.common.buffers import SequenceReplayBuffer
 from sb3_dreamer.common.rssm import flatten_states
 from sb3_dreamer.common.type_aliases import RSSMState
@@ -320,34 +321,35 @@ class DreamerV2(OffPolicyAlgorithm):
 
     def _gradient_step(self, batch_size: int, entropy_coef: float, reinforce_mix: float) -> dict[str, th.Tensor]:
         """One world-model update followed by one actor and one critic update in imagination."""
-        policy = self.policy
-        if self._n_updates % self.target_update_interval == 0:
-            policy.actor_critic.update_slow_critic()
-        batch = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # [B, T, ...]
+        with reuse_freed_memory(enabled=self.device.type == "cpu"):  # the same blocks every step: keep them
+            policy = self.policy
+            if self._n_updates % self.target_update_interval == 0:
+                policy.actor_critic.update_slow_critic()
+            batch = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # [B, T, ...]
 
-        with self._autocast():
-            model_loss, post, metrics = policy.world_model.loss(
-                batch, self.gamma, self.kl_scale, self.kl_balance, self.free_nats, self.reward_scale, self.discount_scale,
-                self.reconstruction_scale, self.reward_transform, self.predict_discount, self.stop_image_grad,
-                self.stop_reward_grad,
-            )
-        metrics["model_grad_norm"] = self._optimize("model", model_loss, policy.model_optimizer)
-
-        start = flatten_states(RSSMState(*(x.detach() for x in post)))  # [B * T, ...]
-        policy.world_model.requires_grad_(False)  # frozen while the actor backpropagates through the dynamics
-        try:
             with self._autocast():
-                behaviour = policy.actor_critic.loss(
-                    policy.world_model, start, batch.is_terminal.reshape(-1), self.imagination_horizon, self.gamma,
-                    self.return_lambda, reinforce_mix, entropy_coef, self.predict_discount, self.return_normalization,
+                model_loss, post, metrics = policy.world_model.loss(
+                    batch, self.gamma, self.kl_scale, self.kl_balance, self.free_nats, self.reward_scale, self.discount_scale,
+                    self.reconstruction_scale, self.reward_transform, self.predict_discount, self.stop_image_grad,
+                    self.stop_reward_grad,
                 )
-        finally:
-            policy.world_model.requires_grad_(True)
-        metrics.update(behaviour.metrics)
-        metrics["actor_grad_norm"] = self._optimize("actor", behaviour.actor_loss, policy.actor_optimizer)
-        metrics["critic_grad_norm"] = self._optimize("critic", behaviour.critic_loss, policy.critic_optimizer)
-        self._n_updates += 1
-        return metrics
+            metrics["model_grad_norm"] = self._optimize("model", model_loss, policy.model_optimizer)
+
+            start = flatten_states(RSSMState(*(x.detach() for x in post)))  # [B * T, ...]
+            policy.world_model.requires_grad_(False)  # frozen while the actor backpropagates through the dynamics
+            try:
+                with self._autocast():
+                    behaviour = policy.actor_critic.loss(
+                        policy.world_model, start, batch.is_terminal.reshape(-1), self.imagination_horizon, self.gamma,
+                        self.return_lambda, reinforce_mix, entropy_coef, self.predict_discount, self.return_normalization,
+                    )
+            finally:
+                policy.world_model.requires_grad_(True)
+            metrics.update(behaviour.metrics)
+            metrics["actor_grad_norm"] = self._optimize("actor", behaviour.actor_loss, policy.actor_optimizer)
+            metrics["critic_grad_norm"] = self._optimize("critic", behaviour.critic_loss, policy.critic_optimizer)
+            self._n_updates += 1
+            return metrics
 
     def _autocast(self) -> th.autocast:
         """The autocast context of the training forward passes (disabled for fp32); backward runs outside it."""
