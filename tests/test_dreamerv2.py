@@ -91,6 +91,16 @@ def test_predict_handles_any_batch_and_never_touches_training_state(tiny_kwargs)
         th.testing.assert_close(params[key], value)
 
 
+def test_predict_runs_every_module_in_eval_mode(tiny_kwargs):
+    model = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, **tiny_kwargs)
+    for _ in range(2):  # the second call finds the flag already off
+        model.policy.set_training_mode(True)
+        model.predict(np.zeros(4, np.float32))
+        assert not any(module.training for module in model.policy.modules())
+        model.predict(np.zeros(4, np.float32))
+        assert not any(module.training for module in model.policy.modules())
+
+
 def test_predict_rejects_wrong_shapes(tiny_kwargs):
     model = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, **tiny_kwargs)
     with pytest.raises(ValueError):

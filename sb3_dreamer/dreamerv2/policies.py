@@ -158,7 +158,8 @@ class DreamerV2Policy(BasePolicy):
         :param deterministic: take the actor's mode and the posterior's mode (else sample both)
         :return: (env actions, next state)
         """
-        self.set_training_mode(False)
+        if self.training:  # walking the ~70 modules to set a flag that is already off cost a quarter of a call
+            self.set_training_mode(False)
         if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
             raise ValueError("You have passed a tuple to the predict() function instead of a Numpy array or a Dict. "
                              "You are probably mixing Gym API with SB3 VecEnv API: `obs, info = env.reset()` (Gym) "
