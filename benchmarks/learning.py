@@ -50,8 +50,19 @@ from benchmarks.common import REPO_ROOT, RESULTS_DIR, atomic_write_json, env_slu
 
 LEARNING_DIR = RESULTS_DIR / "learning"
 MINATAR_GAMES = ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")
-# MinAtar envs have no time limit: without one a good agent can make an evaluation episode last forever.
-MINATAR_TIME_LIMIT = "env_wrapper:[{'gymnasium.wrappers.TimeLimit': dict(max_episode_steps=10_000)}]"
+# MinAtar envs have no time limit: without one a good agent can make an evaluation episode last forever. It goes in
+# through gym.make (env_kwargs, which the zoo gives the evaluation env too), so the TimeLimit sits *inside* SB3's
+# Monitor: as an env_wrapper it sat outside, the Monitor never saw a truncated episode end, and EvalCallback (which
+# counts the Monitor's episodes) waited forever on a policy that survives, e.g. a Seaquest sub that stays surfaced.
+MINATAR_MAX_EPISODE_STEPS = 10_000
+
+
+def time_limit_params(max_episode_steps: int = MINATAR_MAX_EPISODE_STEPS) -> str:
+    """The zoo ``-params`` item that makes every env (training and evaluation) end episodes at ``max_episode_steps``."""
+    return f"env_kwargs:dict(max_episode_steps={max_episode_steps})"
+
+
+MINATAR_TIME_LIMIT = time_limit_params()
 # DreamerV2's Atari protocol (the `atari` entry of sb3_dreamer/hyperparams/dreamerv2.yml), given to DQN as well.
 DREAMER_ATARI_PROTOCOL = (
     "env_wrapper:[{'sb3_dreamer.envs.DreamerAtariWrapper': dict(noop_max=30, frame_skip=4, screen_size=64, "

@@ -201,6 +201,26 @@ def test_curve_mean_std_band():
     np.testing.assert_array_equal(n, [2, 2, 1])
 
 
+def test_minatar_time_limit_ends_evaluations_of_a_policy_that_survives():
+    """Seaquest's sub never dies at the surface: the evaluation must still end, at the limit, seen by the Monitor."""
+    import gymnasium as gym
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    item = learning.time_limit_params(60)
+    key, value = item.split(":", 1)
+    assert key == "env_kwargs"
+    spec = gym.spec("MinAtar/Seaquest-v1")
+    env = make_vec_env(lambda **kwargs: spec.make(**kwargs), n_envs=1, seed=0, env_kwargs=eval(value))  # as the zoo does
+
+    class StayUp:  # action 2 of the minimal set moves the sub up: it stays surfaced (what a greedy seed learned)
+        def predict(self, obs, state=None, episode_start=None, deterministic=True):
+            return np.full(len(obs), 2), None
+
+    rewards, lengths = evaluate_policy(StayUp(), env, n_eval_episodes=2, return_episode_rewards=True)
+    assert lengths == [60, 60] and rewards == [0.0, 0.0]
+
+
 def test_suites_and_commands(tmp_path):
     jobs = learning.build_jobs(learning.SUITES["minatar"], results_dir=tmp_path, seeds=[0], envs=["MinAtar/Breakout-v1"],
                                algo_params={"dreamerv2": ["batch_size:4"]})
@@ -209,7 +229,7 @@ def test_suites_and_commands(tmp_path):
     for algo, args in cmd.items():
         assert args[args.index("--eval-episodes") + 1] == "10" and args[args.index("-n") + 1] == "500000"
         assert args[args.index("--log-folder") + 1] == str(tmp_path / algo / "MinAtar-Breakout-v1" / "seed0_500k")
-        assert any("TimeLimit" in a for a in args)  # same eval time limit for both
+        assert learning.MINATAR_TIME_LIMIT in args  # same time limit for both, training and evaluation
     assert "exploration_fraction:0.2" in cmd["dqn"]  # 100k exploration steps of 500k
     assert "batch_size:4" in cmd["dreamerv2"] and "batch_size:4" not in cmd["dqn"]
     cartpole = learning.build_jobs(learning.SUITES["cartpole"], results_dir=tmp_path)
