@@ -51,18 +51,12 @@ from benchmarks.common import REPO_ROOT, RESULTS_DIR, atomic_write_json, env_slu
 LEARNING_DIR = RESULTS_DIR / "learning"
 MINATAR_GAMES = ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")
 # MinAtar envs have no time limit: without one a good agent can make an evaluation episode last forever. It goes in
-# through gym.make (env_kwargs, which the zoo gives the evaluation env too), so the TimeLimit sits *inside* SB3's
-# Monitor: as an env_wrapper it sat outside, the Monitor never saw a truncated episode end, and EvalCallback (which
-# counts the Monitor's episodes) waited forever on a policy that survives, e.g. a Seaquest sub that stays surfaced.
+# through the zoo's --env-kwargs (gym.make's max_episode_steps), which reach the evaluation env too, so the TimeLimit
+# sits *inside* SB3's Monitor. As an env_wrapper it sat outside: the Monitor never saw a truncated episode end, and
+# EvalCallback (which counts the Monitor's episodes) waited forever on a policy that survives, e.g. a Seaquest sub that
+# stays surfaced. (-params env_kwargs would not do: the zoo gives YAML/-params env_kwargs to the training env only.)
 MINATAR_MAX_EPISODE_STEPS = 10_000
-
-
-def time_limit_params(max_episode_steps: int = MINATAR_MAX_EPISODE_STEPS) -> str:
-    """The zoo ``-params`` item that makes every env (training and evaluation) end episodes at ``max_episode_steps``."""
-    return f"env_kwargs:dict(max_episode_steps={max_episode_steps})"
-
-
-MINATAR_TIME_LIMIT = time_limit_params()
+MINATAR_TIME_LIMIT = f"max_episode_steps:{MINATAR_MAX_EPISODE_STEPS}"  # an --env-kwargs item
 # DreamerV2's Atari protocol (the `atari` entry of sb3_dreamer/hyperparams/dreamerv2.yml), given to DQN as well.
 DREAMER_ATARI_PROTOCOL = (
     "env_wrapper:[{'sb3_dreamer.envs.DreamerAtariWrapper': dict(noop_max=30, frame_skip=4, screen_size=64, "
@@ -92,7 +86,8 @@ class Suite:
     report_budgets: tuple[int, ...] = ()
     threshold: float | None = None  # steps-to-threshold in the report (None: not applicable)
     conf_files: tuple[tuple[str, str], ...] = ()  # (algo, conf file) overrides of the launcher's default file
-    common_params: tuple[str, ...] = ()  # -params for every algorithm (protocol: wrappers, time limits)
+    common_params: tuple[str, ...] = ()  # -params for every algorithm (protocol: wrappers)
+    env_kwargs: tuple[str, ...] = ()  # --env-kwargs "key:value" items for every env, training and evaluation
     algo_params: tuple[tuple[str, str], ...] = ()  # (algo, "key:value") -params for one algorithm
     scaled_params: tuple[tuple[str, str, int], ...] = ()  # (algo, key, steps): key = steps / budget (a fraction)
     notes: str = ""
@@ -132,7 +127,7 @@ SUITES: dict[str, Suite] = {
         budget=500_000,
         eval_freq=25_000,
         report_budgets=(50_000, 100_000, 250_000, 500_000),
-        common_params=(MINATAR_TIME_LIMIT,),
+        env_kwargs=(MINATAR_TIME_LIMIT,),
         scaled_params=(("dqn", "exploration_fraction", 100_000),),
         notes="MinAtar -v1 ids (minimal action set), sticky actions 0.1 (the minatar default), no frame skip: steps = "
         "frames. DQN with sb3_dreamer/hyperparams/dqn.yml (Young & Tian's DQN; epsilon 1 -> 0.1 over the first 100k "
@@ -172,6 +167,7 @@ class Job:
     eval_episodes: int
     results_dir: Path
     params: tuple[str, ...] = ()
+    env_kwargs: tuple[str, ...] = ()
     conf_file: str | None = None
     device: str | None = None
     threads: int | None = None
@@ -208,6 +204,8 @@ class Job:
             cmd += ["--num-threads", str(self.threads)]
         if self.conf_file:
             cmd += ["--conf-file", self.conf_file]
+        if self.env_kwargs:
+            cmd += ["--env-kwargs", *self.env_kwargs]
         if self.params:
             cmd += ["-params", *self.params]
         return cmd
@@ -271,7 +269,7 @@ def build_jobs(
                         eval_episodes=int(eval_episodes or suite.eval_episodes), results_dir=Path(results_dir),
                         params=(*suite.params(algo, int(budget or suite.budget)), *extra_params,
                                 *algo_params.get(algo, ())),
-                        conf_file=suite.conf_file(algo),
+                        env_kwargs=suite.env_kwargs, conf_file=suite.conf_file(algo),
                         device=device, threads=threads, tag=tag,
                     )
                 )

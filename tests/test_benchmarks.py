@@ -201,17 +201,44 @@ def test_curve_mean_std_band():
     np.testing.assert_array_equal(n, [2, 2, 1])
 
 
+class _EvalEnvSeen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("algo", ["dreamerv2", "dqn"])
+def test_zoo_gives_the_evaluation_env_the_minatar_time_limit_inside_its_monitor(algo, tmp_path, monkeypatch):
+    """The env EvalCallback gets from the suite's command line: Monitor above the TimeLimit, so truncations count."""
+    import stable_baselines3.common.callbacks as callbacks
+
+    from sb3_dreamer import zoo
+
+    def capture(model, env, **kwargs):
+        raise _EvalEnvSeen(env)
+
+    monkeypatch.setattr(callbacks, "evaluate_policy", capture)
+    job = learning.build_jobs(learning.SUITES["minatar"], results_dir=tmp_path, seeds=[0], envs=["MinAtar/Seaquest-v1"],
+                              algos=[algo])[0]
+    args = job.command()[4:]  # after "python -m sb3_dreamer.zoo train"
+    args[args.index("-n") + 1], args[args.index("--eval-freq") + 1] = "40", "20"
+    args += ["learning_starts:1000", "buffer_size:1000"]  # appended to the job's -params
+    if "-params" not in args:
+        args.insert(len(args) - 2, "-params")
+    with pytest.raises(_EvalEnvSeen) as seen:
+        zoo.main(["train", *args])
+    env = seen.value.args[0].envs[0]
+    assert type(env).__name__ == "Monitor"
+    assert env.env._max_episode_steps == learning.MINATAR_MAX_EPISODE_STEPS  # the TimeLimit right under the Monitor
+
+
 def test_minatar_time_limit_ends_evaluations_of_a_policy_that_survives():
     """Seaquest's sub never dies at the surface: the evaluation must still end, at the limit, seen by the Monitor."""
     import gymnasium as gym
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.evaluation import evaluate_policy
 
-    item = learning.time_limit_params(60)
-    key, value = item.split(":", 1)
-    assert key == "env_kwargs"
-    spec = gym.spec("MinAtar/Seaquest-v1")
-    env = make_vec_env(lambda **kwargs: spec.make(**kwargs), n_envs=1, seed=0, env_kwargs=eval(value))  # as the zoo does
+    key, value = learning.MINATAR_TIME_LIMIT.split(":")
+    spec = gym.spec("MinAtar/Seaquest-v1")  # made as the zoo makes it, with --env-kwargs (a 60-step limit here)
+    env = make_vec_env(lambda **kwargs: spec.make(**kwargs), n_envs=1, seed=0, env_kwargs={key: 60})
 
     class StayUp:  # action 2 of the minimal set moves the sub up: it stays surfaced (what a greedy seed learned)
         def predict(self, obs, state=None, episode_start=None, deterministic=True):
@@ -219,6 +246,7 @@ def test_minatar_time_limit_ends_evaluations_of_a_policy_that_survives():
 
     rewards, lengths = evaluate_policy(StayUp(), env, n_eval_episodes=2, return_episode_rewards=True)
     assert lengths == [60, 60] and rewards == [0.0, 0.0]
+    assert int(value) == learning.MINATAR_MAX_EPISODE_STEPS
 
 
 def test_suites_and_commands(tmp_path):
@@ -229,7 +257,7 @@ def test_suites_and_commands(tmp_path):
     for algo, args in cmd.items():
         assert args[args.index("--eval-episodes") + 1] == "10" and args[args.index("-n") + 1] == "500000"
         assert args[args.index("--log-folder") + 1] == str(tmp_path / algo / "MinAtar-Breakout-v1" / "seed0_500k")
-        assert learning.MINATAR_TIME_LIMIT in args  # same time limit for both, training and evaluation
+        assert args[args.index("--env-kwargs") + 1] == learning.MINATAR_TIME_LIMIT  # both algorithms, every env
     assert "exploration_fraction:0.2" in cmd["dqn"]  # 100k exploration steps of 500k
     assert "batch_size:4" in cmd["dreamerv2"] and "batch_size:4" not in cmd["dqn"]
     cartpole = learning.build_jobs(learning.SUITES["cartpole"], results_dir=tmp_path)
