@@ -86,7 +86,6 @@ class Suite:
     report_budgets: tuple[int, ...] = ()
     threshold: float | None = None  # steps-to-threshold in the report (None: not applicable)
     conf_files: tuple[tuple[str, str], ...] = ()  # (algo, conf file) overrides of the launcher's default file
-    common_params: tuple[str, ...] = ()  # -params for every algorithm (protocol: wrappers)
     env_kwargs: tuple[str, ...] = ()  # --env-kwargs "key:value" items for every env, training and evaluation
     algo_params: tuple[tuple[str, str], ...] = ()  # (algo, "key:value") -params for one algorithm
     scaled_params: tuple[tuple[str, str, int], ...] = ()  # (algo, key, steps): key = steps / budget (a fraction)
@@ -99,8 +98,8 @@ class Suite:
         return None
 
     def params(self, algo: str, budget: int) -> list[str]:
-        """The -params of ``algo`` at ``budget`` steps (common, per-algorithm, then budget-scaled fractions)."""
-        out = list(self.common_params) + [item for name, item in self.algo_params if name == algo]
+        """The -params of ``algo`` at ``budget`` steps (per-algorithm, then budget-scaled fractions)."""
+        out = [item for name, item in self.algo_params if name == algo]
         out += [f"{key}:{min(1.0, steps / budget):.6g}" for name, key, steps in self.scaled_params if name == algo]
         return out
 

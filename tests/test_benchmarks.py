@@ -220,9 +220,8 @@ def test_zoo_gives_the_evaluation_env_the_minatar_time_limit_inside_its_monitor(
                               algos=[algo])[0]
     args = job.command()[4:]  # after "python -m sb3_dreamer.zoo train"
     args[args.index("-n") + 1], args[args.index("--eval-freq") + 1] = "40", "20"
-    args += ["learning_starts:1000", "buffer_size:1000"]  # appended to the job's -params
-    if "-params" not in args:
-        args.insert(len(args) - 2, "-params")
+    no_training = ["learning_starts:1000", "buffer_size:1000"]
+    args += no_training if "-params" in args else ["-params", *no_training]  # -params comes last in a job's command
     with pytest.raises(_EvalEnvSeen) as seen:
         zoo.main(["train", *args])
     env = seen.value.args[0].envs[0]
