@@ -111,6 +111,14 @@ def peer_summary(bench: str, data: Mapping[str, Any]) -> dict[str, float | None]
     }
 
 
+def peer_accelerator(data: Mapping[str, Any]) -> str:
+    """The device a sheeprl peer ran on: its ``fabric.accelerator=`` Hydra override, else the anchors' ``cpu``."""
+    for override in data.get("overrides") or ():
+        if override.startswith("fabric.accelerator="):
+            return override.split("=", 1)[1]
+    return "cpu"
+
+
 def _f(x: float | None, nd: int = 3) -> str:
     if x is None:
         return "—"
@@ -121,8 +129,9 @@ def render_side_by_side(our_cases: Sequence[Mapping[str, Any]], peer_results: Ma
                         device: str) -> str:
     """Markdown: our gradient step / policy step / RSS next to the matching sheeprl bench (and SB3 DQN rows)."""
     lines = ["## Peers: sheeprl DreamerV2 (same model sizes)", ""]
-    if not device.startswith("cpu"):
-        lines += ["The peer numbers are CPU measurements (2 threads); compare them with the cpu file.", ""]
+    peer_device = "cuda" if any(peer_accelerator(d) in ("cuda", "gpu") for d in peer_results.values()) else "cpu"
+    if device.split(":")[0] != peer_device:
+        lines += [f"The peer numbers are {peer_device.upper()} measurements; compare them with the {peer_device} file.", ""]
     source = "this machine, peer JSON" if peer_results else PUBLISHED_SOURCE
     lines += [f"Peer source: {source}. Ours: median seconds per gradient step and policy.step at 1 env.", "",
               "| case | peer bench | s / grad step ours | peer | ratio ours/peer | CPU s / step ours | peer | "
@@ -135,7 +144,7 @@ def render_side_by_side(our_cases: Sequence[Mapping[str, Any]], peer_results: Ma
         peer = peer_summary(bench, peer_results[bench]) if bench in peer_results else PUBLISHED.get(bench)
         if peer is None:
             continue
-        ours = case["grad_step"]["total_s"].get("median")
+        ours = (case["grad_step"].get("back_to_back_s") or case["grad_step"]["total_s"]).get("median")
         ratio = ours / peer["grad_step_s"] if ours and peer.get("grad_step_s") else None
         lines.append("| " + " | ".join([
             case["case"], bench + ("" if bench in peer_results else " (published)"), _f(ours), _f(peer["grad_step_s"]),
