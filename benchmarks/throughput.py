@@ -185,7 +185,7 @@ def measure_matmul_peak(device: str, size: int | None = None, seconds: float = 1
 
 # ---------------------------------------------------------------------------------------------------------- one case
 def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iters: int, fill_steps: int | None = None,
-                 flops: bool = True, precision: str = "fp32") -> dict[str, Any]:
+                 flops: bool = True, precision: str = "fp32", cuda_graph: bool | str = "auto") -> dict[str, Any]:
     """All measurements of one case on one device (run it in a fresh process for a meaningful peak RSS)."""
     import gymnasium as gym
     import numpy as np
@@ -197,7 +197,8 @@ def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iter
     out: dict[str, Any] = {"case": case.name, "description": case.description, "device": device, "peer": case.peer,
                            "batch_size": case.batch_size, "sequence_length": case.sequence_length,
                            "imagination_horizon": case.horizon, "policy": case.policy,
-                           "policy_kwargs": case.policy_kwargs, "precision": precision, "loadavg_start": loadavg(),
+                           "policy_kwargs": case.policy_kwargs, "precision": precision,
+                           "loadavg_start": loadavg(),
                            "threads": torch.get_num_threads(), "rss_mb_after_imports": rss_mb()}
     obs_space, act_space = make_spaces(case)
     rng = np.random.default_rng(0)
@@ -219,7 +220,7 @@ def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iter
     model = DreamerV2(
         case.policy, SpacesEnv(), learning_starts=0, buffer_size=fill, batch_size=case.batch_size,
         sequence_length=case.sequence_length, imagination_horizon=case.horizon, policy_kwargs=dict(case.policy_kwargs),
-        device=device, seed=0, precision=precision, _init_setup_model=True,
+        device=device, seed=0, precision=precision, cuda_graph=cuda_graph, _init_setup_model=True,
     )
     model.set_logger(Logger(folder=None, output_formats=[]))
     policy = model.policy
@@ -272,16 +273,24 @@ def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iter
 
         return wrapper
 
-    buffer.sample = timed("sample", buffer.sample)  # type: ignore[method-assign]
-    policy.world_model.loss = timed("world_model_loss", policy.world_model.loss)  # type: ignore[method-assign]
-    policy.actor_critic.loss = timed("behaviour_loss", policy.actor_critic.loss)  # type: ignore[method-assign]
-    original_optimize = model._optimize
+    optimizer_names = {id(getattr(policy, f"{name}_optimizer")): name for name in ("model", "actor", "critic")}
+    original_backward, original_step = model._backward, model._step
 
-    def optimize(name: str, loss: Any, optimizer: Any) -> Any:
-        return timed(f"optimize_{name}", original_optimize)(name, loss, optimizer)
+    def backward(loss: Any, optimizer: Any) -> None:
+        timed(f"optimize_{optimizer_names[id(optimizer)]}", original_backward)(loss, optimizer)
 
-    model._optimize = optimize  # type: ignore[method-assign]
-    instrumented = ((buffer, "sample"), (policy.world_model, "loss"), (policy.actor_critic, "loss"), (model, "_optimize"))
+    def step(name: str, loss: Any, optimizer: Any) -> Any:
+        return timed(f"optimize_{name}", original_step)(name, loss, optimizer)
+
+    instrumented = {(buffer, "sample"): timed("sample", buffer.sample),
+                    (policy.world_model, "loss"): timed("world_model_loss", policy.world_model.loss),
+                    (policy.actor_critic, "loss"): timed("behaviour_loss", policy.actor_critic.loss),
+                    (model, "_backward"): backward, (model, "_step"): step}
+    out["cuda_graph"] = model._graphs_enabled()
+    if out["cuda_graph"]:  # phases cannot be timed inside a graph (the timers synchronize): whole steps only
+        instrumented = {}
+    for (obj, name), wrapper in instrumented.items():
+        setattr(obj, name, wrapper)  # an instance attribute shadows the method
     entropy_coef, reinforce_mix = model._entropy_schedule(1.0), model.reinforce_mix()
 
     def gradient_step() -> dict[str, float]:
@@ -335,8 +344,10 @@ def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iter
 
         counter = FlopCounterMode(display=False)
         flop_state["counter"] = counter
+        model.cuda_graph = False  # a graph replay runs no operator the counter could see: count an eager step
         with counter:
             model._gradient_step(case.batch_size, entropy_coef, reinforce_mix)
+        model.cuda_graph = cuda_graph
         flop_state["counter"] = None
         total = counter.get_total_flops()
         by_phase = flop_state["by_phase"]
@@ -351,7 +362,8 @@ def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iter
     # -------------------------------------------------------------- back to back (GPU): the rate learn() gets
     if dev.type == "cuda":  # the timed phases above synchronize, which stops the CPU from queueing work ahead
         for obj, name in instrumented:
-            delattr(obj, name)  # the instance attribute shadowed the method
+            delattr(obj, name)
+        model._gradient_step(case.batch_size, entropy_coef, reinforce_mix)  # (re)captures the graphs with cuda_graph
         back_to_back = []
         for _ in range(3):
             _sync(dev)
@@ -433,7 +445,7 @@ def run_case_subprocess(case: str, device: str, args: argparse.Namespace) -> dic
             cmd.append("--no-flops")
         if args.fill_steps:
             cmd += ["--fill-steps", str(args.fill_steps)]
-        cmd += ["--precision", args.precision]
+        cmd += ["--precision", args.precision] + (["--no-cuda-graph"] if args.no_cuda_graph else [])
         env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
@@ -488,7 +500,10 @@ def render_markdown(result: dict[str, Any], peers_md: str = "") -> str:
         f"{result['generated']}: CPU {m.get('cpu_model')} ({m.get('cpu_cores')} cores), "
         f"GPU {m.get('cuda') or 'none'}, torch {m.get('torch')}, {result['threads']} torch threads, "
         f"commit {m.get('git_commit')}. Command: `{result['command']}`.", "",
-        f"Training precision: {result.get('precision', 'fp32')}. "
+        f"Training precision: {result.get('precision', 'fp32')}"
+        + (", gradient steps replayed from CUDA graphs (`cuda_graph`, the default on CUDA; phase columns not timed)"
+           if result.get("cuda_graph") else ", eager gradient steps" if result["device"].startswith("cuda") else "")
+        + ". "
         f"{result['matmul_peak'].get('dtype', 'fp32')} matmul peak (measured, `torch.mm` "
         f"{result['matmul_peak']['size']}², precision "
         f"{result['matmul_peak']['matmul_precision']}): **{result['matmul_peak']['gflops']:.0f} GFLOP/s**."
@@ -570,6 +585,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="DreamerV2's training precision (bf16: autocast, a GPU opt-in); utilization is then "
                         "measured against the bf16 matmul peak, and the output files get a -bf16 suffix")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="DreamerV2(cuda_graph=False): eager gradient steps on CUDA too (files get -eager)")
     parser.add_argument("--in-process", action="store_true", help="measure every case in this process (shared RSS)")
     parser.add_argument("--quick", action="store_true", help="smoke test: preset tiny, 1 repeat, 1 warm-up")
     parser.add_argument("--out-dir", type=Path, default=THROUGHPUT_DIR)
@@ -594,7 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.policy_iters = min(args.policy_iters, 5)
     if args.case:  # child process: one case, one device
         result = measure_case(CASES[args.case], args.devices[0], args.repeats, args.warmup, args.policy_iters,
-                              args.fill_steps, flops=not args.no_flops, precision=args.precision)
+                              args.fill_steps, flops=not args.no_flops, precision=args.precision,
+                              cuda_graph=not args.no_cuda_graph and "auto")
         atomic_write_json(args.case_json, result)
         return 0
 
@@ -615,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in cases:
             if args.in_process:
                 results.append(measure_case(CASES[name], device, args.repeats, args.warmup, args.policy_iters,
-                                            args.fill_steps, flops=not args.no_flops, precision=args.precision))
+                                            args.fill_steps, flops=not args.no_flops, precision=args.precision,
+                                            cuda_graph=not args.no_cuda_graph and "auto"))
             else:
                 results.append(run_case_subprocess(name, device, args))
         label = args.machine or machine_label(device)
@@ -623,7 +642,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine_label": label, "device": device, "threads": args.threads or torch.get_num_threads(),
-            "machine": machine_info(), "matmul_peak": peak, "precision": args.precision, "presets": args.presets,
+            "machine": machine_info(), "matmul_peak": peak, "precision": args.precision,
+            "cuda_graph": not args.no_cuda_graph and device.startswith("cuda"),
+            "presets": args.presets,
             "repeats": args.repeats, "warmup": args.warmup, "cases": results,
             "malloc_reuse": device.startswith("cpu") and allocator.available(),
         }
@@ -631,7 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if peer_results:
             result["peers"] = {"dir": str(peer_dir), "results": peer_results}
         peers_md = peers.render_side_by_side(results, peer_results, device)
-        base = args.out_dir / f"{label}-{device.split(':')[0]}{'' if args.precision == 'fp32' else '-' + args.precision}"
+        eager = args.no_cuda_graph and device.startswith("cuda")
+        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-eager" if eager else "")
+        base = args.out_dir / f"{label}-{device.split(':')[0]}{suffix}"
         atomic_write_json(base.with_suffix(".json"), result)
         atomic_write_text(base.with_suffix(".md"), render_markdown(result, peers_md))
         failed = failed or any("error" in c for c in results)

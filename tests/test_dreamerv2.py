@@ -244,6 +244,13 @@ def test_bad_options_raise_clear_errors(kwargs, match):
         DreamerV2("MlpPolicy", "CartPole-v1", **kwargs)
 
 
+def test_cuda_graph_off_cuda_warns_and_runs_eagerly(tiny_kwargs):
+    with pytest.warns(UserWarning, match="cuda_graph=True needs a CUDA device"):
+        model = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, cuda_graph=True, **tiny_kwargs)
+    model.learn(100)
+    assert model._n_updates > 0 and model._graphs is None
+
+
 def test_unsupported_spaces_raise_at_construction():
     with pytest.raises(ValueError, match="action space"):
         DreamerV2("MlpPolicy", CountingEnv(action_space=spaces.MultiBinary(2)))

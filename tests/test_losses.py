@@ -154,6 +154,18 @@ class TestActorCriticLosses:
         dynamics = actor_objective(self.log_probs, self.entropy, self.returns, self.baseline, self.weights, 0.0, 0.0)
         assert loss.item() == pytest.approx(0.9 * reinforce.item() + 0.1 * dynamics.item())
 
+    @pytest.mark.parametrize("mix", [0.0, 0.3, 1.0])
+    def test_tensor_mix_and_entropy_coef_give_the_same_loss_and_gradients(self, mix):
+        # (a CUDA graph's inputs: both terms computed whatever ρ, with the same values and gradients)
+        def grads(reinforce_mix, entropy_coef):
+            returns, log_probs = self.returns.clone().requires_grad_(), self.log_probs.clone().requires_grad_()
+            loss = actor_objective(log_probs, self.entropy, returns, self.baseline, self.weights, reinforce_mix,
+                                   entropy_coef)
+            return [loss, *th.autograd.grad(loss, (returns, log_probs), allow_unused=True, materialize_grads=True)]
+
+        for plain, tensor in zip(grads(mix, 0.1), grads(th.tensor(mix), th.tensor(0.1))):
+            th.testing.assert_close(tensor, plain)
+
     def test_critic_loss_is_weighted_half_squared_error(self):
         values = column(1.0, 2.0).requires_grad_()
         loss = critic_loss(values, column(3.0, 5.0), column(1.0, 0.5))

@@ -151,10 +151,11 @@ class ActorCritic(nn.Module):
         horizon: int,
         gamma: float,
         lambda_: float,
-        reinforce_mix: float,
-        entropy_coef: float,
+        reinforce_mix: float | th.Tensor,
+        entropy_coef: float | th.Tensor,
         predict_discount: bool = True,
         normalize_returns: bool = False,
+        backprop: bool | None = None,
     ) -> BehaviourLosses:
         """Imagine from ``start`` and compute the actor and critic losses.
 
@@ -168,8 +169,11 @@ class ActorCritic(nn.Module):
         :param entropy_coef: η
         :param predict_discount: use the discount head (else a constant γ)
         :param normalize_returns: divide advantages by the return scale S (:class:`ReturnNormalizer`), else S = 1
+        :param backprop: imagine with gradients through the dynamics (default: ρ < 1, which dynamics backpropagation
+            needs); given explicitly where ρ is a tensor
         """
-        backprop = reinforce_mix < 1  # dynamics backpropagation needs gradients through the imagined returns
+        if backprop is None:
+            backprop = reinforce_mix < 1
         trajectory = self.imagine(world_model, start, horizon, backprop)
         features = trajectory.features  # [H + 1, N, F]
         with th.set_grad_enabled(backprop):

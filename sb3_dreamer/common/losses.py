@@ -79,8 +79,8 @@ def actor_objective(
     returns: th.Tensor,
     baseline: th.Tensor,
     weights: th.Tensor,
-    reinforce_mix: float,
-    entropy_coef: float,
+    reinforce_mix: float | th.Tensor,
+    entropy_coef: float | th.Tensor,
     return_scale: float | th.Tensor = 1.0,
 ) -> th.Tensor:
     """Actor loss: -E[w · (ρ · ln π(a|s) · sg(V^λ - v) / S + (1 - ρ) · V^λ / S + η · H[π])].
@@ -92,14 +92,16 @@ def actor_objective(
     :param returns: V^λ_{t+1}: ``[H - 1, N]`` (carries dynamics gradients when ρ < 1)
     :param baseline: v(s_t) from the slow critic: ``[H - 1, N]``
     :param weights: discount weights: ``[H - 1, N]``
-    :param reinforce_mix: ρ (1: Reinforce only, 0: dynamics backpropagation only)
+    :param reinforce_mix: ρ (1: Reinforce only, 0: dynamics backpropagation only); as a tensor (a CUDA graph's input)
+        both terms are computed, whatever its value
     :param entropy_coef: η
     :param return_scale: S, divides the advantages and returns (no gradient)
     """
     objective = entropy_coef * entropy
-    if reinforce_mix > 0:
+    any_mix = isinstance(reinforce_mix, th.Tensor)  # no host-side comparison of a device value
+    if any_mix or reinforce_mix > 0:
         objective = objective + reinforce_mix * log_probs * ((returns - baseline) / return_scale).detach()
-    if reinforce_mix < 1:
+    if any_mix or reinforce_mix < 1:
         objective = objective + (1 - reinforce_mix) * returns / return_scale
     return -(weights.detach() * objective).mean()
 
