@@ -185,7 +185,7 @@ def measure_matmul_peak(device: str, size: int | None = None, seconds: float = 1
 
 # ---------------------------------------------------------------------------------------------------------- one case
 def measure_case(case: Case, device: str, repeats: int, warmup: int, policy_iters: int, fill_steps: int | None = None,
-                 flops: bool = True, precision: str = "fp32", cuda_graph: bool | str = "auto") -> dict[str, Any]:
+                 flops: bool = True, precision: str = "fp32", cuda_graph: bool = False) -> dict[str, Any]:
     """All measurements of one case on one device (run it in a fresh process for a meaningful peak RSS)."""
     import gymnasium as gym
     import numpy as np
@@ -445,7 +445,7 @@ def run_case_subprocess(case: str, device: str, args: argparse.Namespace) -> dic
             cmd.append("--no-flops")
         if args.fill_steps:
             cmd += ["--fill-steps", str(args.fill_steps)]
-        cmd += ["--precision", args.precision] + (["--no-cuda-graph"] if args.no_cuda_graph else [])
+        cmd += ["--precision", args.precision] + (["--cuda-graph"] if args.cuda_graph else [])
         env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
@@ -501,7 +501,7 @@ def render_markdown(result: dict[str, Any], peers_md: str = "") -> str:
         f"GPU {m.get('cuda') or 'none'}, torch {m.get('torch')}, {result['threads']} torch threads, "
         f"commit {m.get('git_commit')}. Command: `{result['command']}`.", "",
         f"Training precision: {result.get('precision', 'fp32')}"
-        + (", gradient steps replayed from CUDA graphs (`cuda_graph`, the default on CUDA; phase columns not timed)"
+        + (", gradient steps replayed from CUDA graphs (`cuda_graph=True`; phase columns not timed)"
            if result.get("cuda_graph") else ", eager gradient steps" if result["device"].startswith("cuda") else "")
         + ". "
         f"{result['matmul_peak'].get('dtype', 'fp32')} matmul peak (measured, `torch.mm` "
@@ -585,8 +585,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="DreamerV2's training precision (bf16: autocast, a GPU opt-in); utilization is then "
                         "measured against the bf16 matmul peak, and the output files get a -bf16 suffix")
-    parser.add_argument("--no-cuda-graph", action="store_true",
-                        help="DreamerV2(cuda_graph=False): eager gradient steps on CUDA too (files get -eager)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="DreamerV2(cuda_graph=True): replay the training passes from CUDA graphs (files get -graph)")
     parser.add_argument("--in-process", action="store_true", help="measure every case in this process (shared RSS)")
     parser.add_argument("--quick", action="store_true", help="smoke test: preset tiny, 1 repeat, 1 warm-up")
     parser.add_argument("--out-dir", type=Path, default=THROUGHPUT_DIR)
@@ -612,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.case:  # child process: one case, one device
         result = measure_case(CASES[args.case], args.devices[0], args.repeats, args.warmup, args.policy_iters,
                               args.fill_steps, flops=not args.no_flops, precision=args.precision,
-                              cuda_graph=not args.no_cuda_graph and "auto")
+                              cuda_graph=args.cuda_graph)
         atomic_write_json(args.case_json, result)
         return 0
 
@@ -634,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.in_process:
                 results.append(measure_case(CASES[name], device, args.repeats, args.warmup, args.policy_iters,
                                             args.fill_steps, flops=not args.no_flops, precision=args.precision,
-                                            cuda_graph=not args.no_cuda_graph and "auto"))
+                                            cuda_graph=args.cuda_graph))
             else:
                 results.append(run_case_subprocess(name, device, args))
         label = args.machine or machine_label(device)
@@ -643,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": "python -m benchmarks.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine_label": label, "device": device, "threads": args.threads or torch.get_num_threads(),
             "machine": machine_info(), "matmul_peak": peak, "precision": args.precision,
-            "cuda_graph": not args.no_cuda_graph and device.startswith("cuda"),
+            "cuda_graph": args.cuda_graph and device.startswith("cuda"),
             "presets": args.presets,
             "repeats": args.repeats, "warmup": args.warmup, "cases": results,
             "malloc_reuse": device.startswith("cpu") and allocator.available(),
@@ -652,8 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if peer_results:
             result["peers"] = {"dir": str(peer_dir), "results": peer_results}
         peers_md = peers.render_side_by_side(results, peer_results, device)
-        eager = args.no_cuda_graph and device.startswith("cuda")
-        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-eager" if eager else "")
+        graphs = args.cuda_graph and device.startswith("cuda")
+        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-graph" if graphs else "")
         base = args.out_dir / f"{label}-{device.split(':')[0]}{suffix}"
         atomic_write_json(base.with_suffix(".json"), result)
         atomic_write_text(base.with_suffix(".md"), render_markdown(result, peers_md))

@@ -174,6 +174,16 @@ class TestOneHotPrefix:
         for grad, grad_expected in zip(grads, grads_expected):
             th.testing.assert_close(grad if grad is not None else th.zeros_like(grad_expected), grad_expected)
 
+    def test_gather_table_is_not_cached_while_a_cuda_graph_is_captured(self, monkeypatch):
+        # a graph must record the table's copy: a cached table would be the capture-time weights in every replay
+        weight = th.randn(5, 12)
+        monkeypatch.setattr(networks, "_capturing", lambda w: True)
+        tables = [networks._gather_table(weight, 8) for _ in range(2)]
+        assert tables[0] is not tables[1] and id(weight) not in networks._GATHER_TABLES
+        th.testing.assert_close(tables[0], weight[:, :8].t())
+        monkeypatch.setattr(networks, "_capturing", lambda w: False)
+        assert networks._gather_table(weight, 8) is networks._gather_table(weight, 8)  # cached otherwise
+
     def test_onehot_linear_follows_weight_updates(self):
         """The gather table is cached per weight version: an optimizer step, a state-dict load and an in-place write are
         all seen."""

@@ -51,12 +51,20 @@ class OneHotPrefix:
 _GATHER_TABLES: dict[int, tuple[weakref.ref, tuple[int, int, int], th.Tensor]] = {}
 
 
+def _capturing(weight: th.Tensor) -> bool:
+    """Whether ``weight``'s device stream is recording a CUDA graph."""
+    return weight.is_cuda and th.cuda.is_current_stream_capturing()
+
+
 def _gather_table(weight: th.Tensor, width: int) -> th.Tensor:
     """``weight[:, :width].t()`` as a contiguous ``[width, out]`` table, cached per weight version.
 
     ``F.embedding_bag`` needs the rows contiguous; copying them on every call cost about 5 % of an imagination rollout,
-    whose 15 steps read the same unchanged weights.
+    whose 15 steps read the same unchanged weights. Not while a CUDA graph is being captured: the graph must record the
+    copy, or its replays would read the table of the weights at capture time after the optimizer has changed them.
     """
+    if _capturing(weight):
+        return weight.detach()[:, :width].t().contiguous()
     key = (weight.data_ptr(), weight._version, width)
     entry = _GATHER_TABLES.get(id(weight))
     if entry is None or entry[0]() is not weight or entry[1] != key:

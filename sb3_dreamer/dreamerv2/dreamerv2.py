@@ -131,9 +131,10 @@ class DreamerV2(OffPolicyAlgorithm):
     :param cuda_graph: capture the forward and backward passes of the world-model and behaviour updates as two CUDA
         graphs (after a few eager gradient steps) and replay them: one launch instead of thousands of small kernels per
         pass (an Atari-preset gradient step on an H100: 0.145 s -> 0.047 s). The optimizer steps, the divergence check
-        and the schedules run as before; the computation is the same. ``"auto"`` (default): on CUDA devices; ``True``:
-        the same, with a warning on other devices; ``False``: never. A pass that cannot be captured (a custom module
-        that synchronizes with the host) raises a ``RuntimeError`` that says to pass ``False``
+        and the schedules run as before; the computation is the same. ``True``: on CUDA devices (a warning on others);
+        ``"auto"``: on CUDA devices, silently off elsewhere; ``False`` (default, until a GPU learning run confirms the
+        graphed path, see docs/performance.md): never. A pass that cannot be captured (a custom module that
+        synchronizes with the host) raises a ``RuntimeError`` that says to pass ``False``
     :param stop_image_grad: reconstruction gradients do not reach the representation (ablation)
     :param stop_reward_grad: reward gradients do not reach the representation (ablation)
     :param replay_buffer_class: replay buffer class (default :class:`SequenceReplayBuffer`)
@@ -188,7 +189,7 @@ class DreamerV2(OffPolicyAlgorithm):
         max_grad_norm: float = 100.0,
         weight_decay: float = 1e-6,
         precision: str = "fp32",
-        cuda_graph: Union[bool, str] = "auto",
+        cuda_graph: Union[bool, str] = False,
         stop_image_grad: bool = False,
         stop_reward_grad: bool = False,
         replay_buffer_class: type[ReplayBuffer] | None = None,
