@@ -31,3 +31,17 @@ def test_static_inputs_are_new_memory_that_copy_into_refills_in_place():
                 th.testing.assert_close(field[key], value[key])
         else:
             th.testing.assert_close(field, value)
+
+
+def test_update_graphs_fit_only_while_the_optimizers_read_their_gradients():
+    from sb3_dreamer.dreamerv2.dreamerv2 import UpdateGraphs
+
+    params = [th.nn.Parameter(th.ones(3)), th.nn.Parameter(th.ones(2))]
+    for param in params:
+        param.grad = th.zeros_like(param)
+    graphs = UpdateGraphs(None, None, samples(0), th.zeros(()), th.zeros(()), backprop=False,  # type: ignore[arg-type]
+                          grads=[(p, p.grad) for p in params])
+    assert graphs.fits(False)
+    assert not graphs.fits(True)  # the other imagination regime (rho < 1) needs another capture
+    params[1].grad = params[1].grad.clone()  # e.g. zero_grad(set_to_none=True) and an eager backward
+    assert not graphs.fits(False)
