@@ -84,7 +84,6 @@ class GraphedPass(Generic[Outputs]):
                 th.autograd.backward(losses)
         finally:
             th.distributions.Distribution.set_default_validate_args(validate)
-        self.losses = losses
 
     def pool(self) -> Any:
         """The graph's memory pool (to share with the next graph)."""
