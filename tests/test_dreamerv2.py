@@ -1,6 +1,7 @@
 """DreamerV2 as an SB3 algorithm: learn/predict across spaces, save/load, callbacks, seeding, VecEnvs."""
 
 import os
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -14,6 +15,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_dreamer import DreamerV2, SequenceReplayBuffer
+from sb3_dreamer.dreamerv2 import dreamerv2 as dreamerv2_module
 
 
 def rollout_actions(model: DreamerV2, env: gym.Env, steps: int = 20) -> list:
@@ -249,6 +251,25 @@ def test_cuda_graph_off_cuda_warns_and_runs_eagerly(tiny_kwargs):
         model = DreamerV2("MlpPolicy", "CartPole-v1", seed=0, cuda_graph=True, **tiny_kwargs)
     model.learn(100)
     assert model._n_updates > 0 and model._graphs is None
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
+def test_native_cpu_bf16_reads_the_cpu_flags(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(th.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(th.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert dreamerv2_module.native_cpu_bf16() is native
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch, tiny_kwargs):
+    monkeypatch.setattr(dreamerv2_module, "native_cpu_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without AVX512-BF16 or AMX"):
+        DreamerV2("MlpPolicy", "CartPole-v1", precision="bf16", **tiny_kwargs)
+    monkeypatch.setattr(dreamerv2_module, "native_cpu_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DreamerV2("MlpPolicy", "CartPole-v1", precision="bf16", **tiny_kwargs)
+        monkeypatch.setattr(dreamerv2_module, "native_cpu_bf16", lambda: False)
+        DreamerV2("MlpPolicy", "CartPole-v1", precision="fp32", **tiny_kwargs)  # fp32: no warning whatever the CPU
 
 
 def test_unsupported_spaces_raise_at_construction():
