@@ -8,8 +8,9 @@ Pipeline (pure functions except the first and the last step):
    the evaluation return (mean over the evaluation's episodes) of the **last evaluation at or before the budget**
    (nothing is interpolated; a seed counts at a budget only if its run got that far), steps-to-threshold where a
    threshold applies (first evaluation whose mean return reaches it), seeds, failed runs, mean wall-clock per run.
-3. :func:`render_markdown` writes the tables next to the published anchors of ``benchmarks/anchors.yaml``.
-4. :func:`plot_env` draws one PNG per env: mean ± std band over seeds for every algorithm.
+3. :func:`render_markdown` writes the tables next to the published anchors of ``benchmarks/anchors.yaml`` and the
+   uniform random policy's return on the same env (``benchmarks/results/random/``, from ``benchmarks.random_baseline``).
+4. :func:`plot_env` draws one PNG per env: mean ± std band over seeds for every algorithm, the random policy's mean.
 
 ``std`` is the sample standard deviation over seeds (ddof = 1; 0 for a single seed). Failed runs are listed, never
 averaged. When one seed has several runs (different budgets), the one with the largest budget is used.
@@ -41,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, env_slug, fmt_steps, parse_steps
 from benchmarks.learning import LEARNING_DIR, SUITES
+from benchmarks.random_baseline import RANDOM_DIR
 
 ANCHORS_FILE = Path(__file__).resolve().parent / "anchors.yaml"
 JOB_DIR_RE = re.compile(r"^seed(?P<seed>\d+)_(?P<budget>[0-9.]+[kM]?)(?:_(?P<tag>.+))?$")
@@ -274,6 +276,20 @@ def curve(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return grid, np.asarray(means), np.asarray(stds), np.asarray(counts)
 
 
+def load_random_baselines(root: Path | str = RANDOM_DIR) -> dict[str, dict[str, Any]]:
+    """The uniform random policy's results (``python -m benchmarks.random_baseline``) by env id; empty if none."""
+    baselines = {}
+    for path in sorted(Path(root).glob("*.json")):
+        data = json.loads(path.read_text())
+        baselines[str(data["env"])] = data
+    return baselines
+
+
+def fmt_random(baseline: Mapping[str, Any] | None) -> str:
+    """``mean ± std`` of the random policy's episode returns, ``—`` when not measured."""
+    return "—" if baseline is None else f"{_fmt_value(baseline['mean'])} ± {_fmt_value(baseline['std'])}"
+
+
 def load_anchors(path: Path | str = ANCHORS_FILE) -> list[dict[str, Any]]:
     import yaml
 
@@ -382,14 +398,19 @@ def head_to_head(rows: Sequence[Row], usable: Mapping[tuple[str, str], Sequence[
     return out
 
 
-def render_head_to_head(comparisons: Sequence[Comparison]) -> str:
-    """The comparison table, then one line per suite budget: on how many of the suite's envs DreamerV2 is ahead."""
+def render_head_to_head(comparisons: Sequence[Comparison], random: Mapping[str, Mapping[str, Any]] | None = None,
+                        means: Mapping[tuple[str, int], tuple[float, float]] | None = None) -> str:
+    """The comparison table (with the uniform random policy's return per env where ``random`` has it), then one line
+    per suite budget: on how many of the suite's envs DreamerV2 is ahead and, given ``means`` ((env, budget) ->
+    (DreamerV2 mean, DQN mean)), on how many each algorithm's mean is above the random policy's."""
     if not comparisons:
         return ""
-    lines = ["| env | measure | DreamerV2 | DQN | ahead |", "|---|---|---|---|---|"]
+    random = random or {}
+    lines = ["| env | measure | DreamerV2 | DQN | uniform random | ahead |", "|---|---|---|---|---|---|"]
     for c in comparisons:
         ahead = c.ahead + (" (within the seed spread)" if c.within_spread else "")
-        lines.append(f"| {c.env} | {c.measure} | {c.dreamer} | {c.dqn} | {ahead} |")
+        level = fmt_random(random.get(c.env)) if c.budget is not None else ""
+        lines.append(f"| {c.env} | {c.measure} | {c.dreamer} | {c.dqn} | {level} | {ahead} |")
     lines.append("")
     for suite in SUITES.values():
         if len(suite.envs) < 2:
@@ -398,8 +419,14 @@ def render_head_to_head(comparisons: Sequence[Comparison]) -> str:
             measured = [c for c in comparisons if c.env in suite.envs and c.budget == budget]
             if measured:
                 wins = sum(c.ahead == _label("dreamerv2") for c in measured)
-                lines.append(f"* **{suite.name} @ {fmt_steps(budget)}**: DreamerV2 ahead on {wins} of {len(measured)} "
-                             f"games measured by both ({len(suite.envs)} in the suite).")
+                line = (f"* **{suite.name} @ {fmt_steps(budget)}**: DreamerV2 ahead on {wins} of {len(measured)} "
+                        f"games measured by both ({len(suite.envs)} in the suite).")
+                known = [c for c in measured if c.env in random and means and (c.env, budget) in means]
+                if known:
+                    above = [sum(means[(c.env, budget)][i] > random[c.env]["mean"] for c in known) for i in (0, 1)]
+                    line += (f" Above the uniform random policy's mean on {above[0]} (DreamerV2) and {above[1]} (DQN) "
+                             f"of the {len(known)} with a random baseline.")
+                lines.append(line)
     return "\n".join(lines).rstrip()
 
 
@@ -461,6 +488,29 @@ def _is_atari(env: str) -> bool:
     return env.startswith("ALE/") or "NoFrameskip" in env
 
 
+def _both_means(rows: Sequence[Row]) -> dict[tuple[str, int], tuple[float, float]]:
+    """(env, budget) -> (DreamerV2 mean, DQN mean) of the untagged rows, where both have a value."""
+    cells = {(row.env, row.label): row.cells for row in rows}
+    out = {}
+    for (env, label), by_budget in cells.items():
+        if label != "dreamerv2" or (env, "dqn") not in cells:
+            continue
+        for budget, cell in by_budget.items():
+            other = cells[(env, "dqn")].get(budget)
+            if cell is not None and other is not None:
+                out[(env, budget)] = (cell.mean, other.mean)
+    return out
+
+
+def render_random_line(baseline: Mapping[str, Any]) -> str:
+    """One sentence on the uniform random policy's return on an env."""
+    lengths = baseline.get("lengths") or []
+    length = f"; mean length {np.mean(lengths):.0f} steps" if lengths else ""
+    return (f"Uniform random policy on the same evaluation env: **{fmt_random(baseline)}** (standard error "
+            f"{baseline['sem']:.2g}) over {baseline['episodes']} episodes{length} "
+            f"(`{baseline.get('command', 'python -m benchmarks.random_baseline')}`).")
+
+
 def render_markdown(
     rows: Sequence[Row],
     runs: Sequence[Run] = (),
@@ -468,9 +518,11 @@ def render_markdown(
     plots: Mapping[str, str] | None = None,
     generated: str | None = None,
     source: str = "benchmarks/results/learning/",
+    random: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """The whole REPORT.md: per env the table, the plot and the published anchors; then protocol notes."""
-    plots = plots or {}
+    """The whole REPORT.md: per env the table, the random policy's return, the plot and the published anchors; then
+    protocol notes."""
+    plots, random = plots or {}, random or {}
     usable, failed = select_runs(runs)
     out = ["# Learning benchmark: DreamerV2 vs DQN", ""]
     if generated:
@@ -488,7 +540,7 @@ def render_markdown(
         by_env[row.env].append(row)
     if not by_env:
         out += ["No results yet: run `python -m benchmarks.learning --suite cartpole` first.", ""]
-    comparison = render_head_to_head(head_to_head(rows, usable))
+    comparison = render_head_to_head(head_to_head(rows, usable), random, _both_means(rows))
     if comparison:
         out += ["## DreamerV2 vs DQN", "",
                 "Untagged runs only; *ahead* is the higher mean (for steps-to-threshold: more seeds there within the "
@@ -496,6 +548,8 @@ def render_markdown(
                 "smaller than the larger of the two standard deviations.", "", comparison, ""]
     for env, env_rows in by_env.items():
         out += [f"## {env}", "", render_env_table(env_rows), ""]
+        if env in random:
+            out += [render_random_line(random[env]), ""]
         if env in plots:
             out += [f"![{env} learning curves]({plots[env]})", ""]
         table = render_anchor_table(anchors, usable, env)
@@ -516,8 +570,9 @@ def render_markdown(
 
 # ---------------------------------------------------------------------------------------------------------- plots
 def plot_env(env: str, runs_by_label: Mapping[str, Sequence[Run]], out_path: Path,
-             anchors: Sequence[Mapping[str, Any]] = (), threshold: float | None = None) -> Path:
-    """One PNG: mean ± std band over seeds per algorithm, published anchors as markers."""
+             anchors: Sequence[Mapping[str, Any]] = (), threshold: float | None = None,
+             random_level: float | None = None) -> Path:
+    """One PNG: mean ± std band over seeds per algorithm, published anchors as markers, the random policy's mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -546,6 +601,9 @@ def plot_env(env: str, runs_by_label: Mapping[str, Sequence[Run]], out_path: Pat
                    label=f"{_label(str(a['algo']))}: {name} ({comparable})")
     if threshold is not None:
         ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"threshold {_fmt_value(threshold)}")
+    if random_level is not None:
+        ax.axhline(random_level, color="gray", linestyle="--", linewidth=1,
+                   label=f"uniform random {_fmt_value(random_level)}")
     ax.set_xlabel("env steps" + (" (1 step = 4 frames)" if _is_atari(env) else ""))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: fmt_approx_steps(x) if x > 0 else "0"))
     ax.set_ylabel("evaluation return")
@@ -563,9 +621,10 @@ def plot_env(env: str, runs_by_label: Mapping[str, Sequence[Run]], out_path: Pat
 
 def make_report(results_dir: Path = LEARNING_DIR, out: Path = RESULTS_DIR / "REPORT.md",
                 plots_dir: Path | None = RESULTS_DIR / "plots", anchors_file: Path = ANCHORS_FILE,
-                budgets: Mapping[str, Sequence[int]] | None = None) -> str:
+                budgets: Mapping[str, Sequence[int]] | None = None, random_dir: Path | None = RANDOM_DIR) -> str:
     """Parse, aggregate, plot and write the report; returns its markdown."""
     runs = find_runs(results_dir)
+    random = load_random_baselines(random_dir) if random_dir is not None else {}
     rows = aggregate(runs, budgets=budgets)
     anchors = load_anchors(anchors_file) if anchors_file and Path(anchors_file).exists() else []
     plots: dict[str, str] = {}
@@ -575,7 +634,9 @@ def make_report(results_dir: Path = LEARNING_DIR, out: Path = RESULTS_DIR / "REP
             by_label = {label: rs for (e, label), rs in usable.items() if e == env}
             if not any(len(r.timesteps) for rs in by_label.values() for r in rs):
                 continue
-            path = plot_env(env, by_label, Path(plots_dir) / f"{env_slug(env)}.png", anchors, default_threshold(env))
+            level = random[env]["mean"] if env in random else None
+            path = plot_env(env, by_label, Path(plots_dir) / f"{env_slug(env)}.png", anchors, default_threshold(env),
+                            level)
             try:
                 plots[env] = str(path.resolve().relative_to(Path(out).resolve().parent))
             except ValueError:
@@ -584,7 +645,7 @@ def make_report(results_dir: Path = LEARNING_DIR, out: Path = RESULTS_DIR / "REP
         source = str(Path(results_dir).resolve().relative_to(REPO_ROOT)) + "/"
     except ValueError:
         source = str(results_dir)
-    text = render_markdown(rows, runs, anchors, plots,
+    text = render_markdown(rows, runs, anchors, plots, random=random,
                            generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), source=source)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
@@ -598,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plots-dir", type=Path, default=RESULTS_DIR / "plots", help="folder of the PNG curves")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
     parser.add_argument("--anchors", type=Path, default=ANCHORS_FILE, help="published anchors (YAML)")
+    parser.add_argument("--random-dir", type=Path, default=RANDOM_DIR,
+                        help="the uniform random policy's results (python -m benchmarks.random_baseline)")
     parser.add_argument("--budgets", nargs="+", metavar="ENV=B1,B2", default=[],
                         help="report budgets per env, e.g. CartPole-v1=10k,25k,50k (default: the suite's)")
     parser.add_argument("--print", action="store_true", help="also print the markdown")
@@ -606,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in args.budgets:
         env, _, values = item.partition("=")
         budgets[env] = [parse_steps(v) for v in values.split(",") if v]
-    text = make_report(args.results_dir, args.out, None if args.no_plots else args.plots_dir, args.anchors, budgets)
+    text = make_report(args.results_dir, args.out, None if args.no_plots else args.plots_dir, args.anchors, budgets,
+                       args.random_dir)
     if args.print:
         print(text)
     print(f"[report] wrote {args.out}", file=sys.stderr)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import learning, peers, report  # noqa: E402
+from benchmarks import learning, peers, random_baseline, report  # noqa: E402
 from benchmarks.common import fmt_steps, parse_steps  # noqa: E402
 
 TINY_DREAMER = [
@@ -161,6 +161,82 @@ def test_head_to_head_known_verdicts(synthetic, tmp_path):
     assert "* **minatar @ 100k**: DreamerV2 ahead on 1 of 2 games measured by both (5 in the suite)." in text
     assert "* **minatar @ 50k**: DreamerV2 ahead on 0 of 2 games" in text
     assert "## DreamerV2 vs DQN" in report.render_markdown(report.aggregate(runs), runs)
+
+
+def random_result(env, mean, std=1.0, episodes=100):
+    return {"env": env, "mean": mean, "std": std, "sem": std / 10, "episodes": episodes, "lengths": [60] * episodes,
+            "command": "python -m benchmarks.random_baseline --suite minatar"}
+
+
+def test_head_to_head_shows_the_random_policy_and_who_is_above_it(tmp_path):
+    root = tmp_path / "learning"
+    for seed in (0, 1):  # Breakout: both above random (0.4); Asterix: DreamerV2 at 0.5 below random (0.6), DQN above
+        write_job(root, "dreamerv2", "MinAtar/Breakout-v1", seed, 50_000, [50_000], [4.0])
+        write_job(root, "dqn", "MinAtar/Breakout-v1", seed, 50_000, [50_000], [2.0])
+        write_job(root, "dreamerv2", "MinAtar/Asterix-v1", seed, 50_000, [50_000], [0.5])
+        write_job(root, "dqn", "MinAtar/Asterix-v1", seed, 50_000, [50_000], [1.0])
+    runs = report.find_runs(root)
+    rows = report.aggregate(runs)
+    random = {"MinAtar/Breakout-v1": random_result("MinAtar/Breakout-v1", 0.36, 0.56),
+              "MinAtar/Asterix-v1": random_result("MinAtar/Asterix-v1", 0.6)}
+    text = report.render_head_to_head(report.head_to_head(rows, report.select_runs(runs)[0]), random,
+                                      report._both_means(rows))
+    assert "| env | measure | DreamerV2 | DQN | uniform random | ahead |" in text
+    assert "| MinAtar/Breakout-v1 | return @ 50k | 4.0 ± 0.0 | 2.0 ± 0.0 | 0.4 ± 0.6 | DreamerV2 |" in text
+    assert "| MinAtar/Asterix-v1 | return @ 50k | 0.5 ± 0.0 | 1.0 ± 0.0 | 0.6 ± 1.0 | DQN |" in text
+    assert ("* **minatar @ 50k**: DreamerV2 ahead on 1 of 2 games measured by both (5 in the suite). Above the uniform "
+            "random policy's mean on 1 (DreamerV2) and 2 (DQN) of the 2 with a random baseline.") in text
+    no_random = report.render_head_to_head(report.head_to_head(rows, report.select_runs(runs)[0]))
+    assert "| 4.0 ± 0.0 | 2.0 ± 0.0 | — | DreamerV2 |" in no_random and "Above the uniform" not in no_random
+
+    random_dir = tmp_path / "random"
+    random_dir.mkdir()
+    (random_dir / "MinAtar-Asterix-v1.json").write_text(json.dumps(random["MinAtar/Asterix-v1"]))
+    assert report.load_random_baselines(random_dir) == {"MinAtar/Asterix-v1": random["MinAtar/Asterix-v1"]}
+    markdown = report.make_report(root, tmp_path / "REPORT.md", tmp_path / "plots", random_dir=random_dir)
+    asterix = markdown.split("## MinAtar/Asterix-v1")[1].split("## ")[0]
+    assert ("Uniform random policy on the same evaluation env: **0.6 ± 1.0** (standard error 0.1) over 100 episodes; "
+            "mean length 60 steps (`python -m benchmarks.random_baseline --suite minatar`).") in asterix
+    assert "Uniform random" not in markdown.split("## MinAtar/Breakout-v1")[1].split("## ")[0]  # no file for Breakout
+    assert (tmp_path / "plots" / "MinAtar-Asterix-v1.png").stat().st_size > 1000
+
+
+def test_random_baseline_plays_the_suite_evaluation_env(tmp_path):
+    assert random_baseline.parse_env_kwargs([learning.MINATAR_TIME_LIMIT]) == {"max_episode_steps": 10_000}
+    assert random_baseline.parse_env_kwargs([]) == {}
+    env = random_baseline.make_eval_env("MinAtar/Breakout-v1", {"max_episode_steps": 10_000}, seed=0)
+    assert type(env.envs[0]).__name__ == "Monitor" and env.envs[0].env._max_episode_steps == 10_000
+    env.close()
+    assert random_baseline.env_wrapper("CartPole-v1") is None
+    (atari_wrapper,) = random_baseline.env_wrapper("ALE/Pong-v5")  # the yml's `atari` entry, as the zoo picks it
+    assert "sb3_dreamer.envs.DreamerAtariWrapper" in atari_wrapper
+
+    args = ["--suite", "minatar", "--envs", "MinAtar/Breakout-v1", "--episodes", "4", "--seed", "3"]
+    random_baseline.main([*args, "--out-dir", str(tmp_path / "a")])
+    random_baseline.main([*args, "--out-dir", str(tmp_path / "b")])
+    first, second = (json.loads((tmp_path / d / "MinAtar-Breakout-v1.json").read_text()) for d in ("a", "b"))
+    assert first["returns"] == second["returns"] and first["lengths"] == second["lengths"]  # seeded
+    returns = np.array(first["returns"])
+    assert len(returns) == first["episodes"] == 4 and first["env_kwargs"] == {"max_episode_steps": 10_000}
+    assert first["mean"] == pytest.approx(returns.mean()) and first["std"] == pytest.approx(returns.std(ddof=1))
+    assert first["sem"] == pytest.approx(returns.std(ddof=1) / 2) and min(first["lengths"]) >= 1
+    with pytest.raises(SystemExit):
+        random_baseline.main(["--suite", "minatar", "--episodes", "0"])
+
+
+def test_uniform_random_agent_samples_one_seeded_action_per_env():
+    from gymnasium import spaces
+
+    def actions(seed):
+        agent = random_baseline.UniformRandomAgent(spaces.Discrete(3), seed)
+        return [agent.predict(np.zeros((5, 2)))[0] for _ in range(20)]
+
+    batches = actions(0)
+    assert all(batch.shape == (5,) and set(batch.tolist()) <= {0, 1, 2} for batch in batches)
+    assert set(np.concatenate(batches).tolist()) == {0, 1, 2}  # 100 draws cover the 3 actions
+    assert all((a == b).all() for a, b in zip(batches, actions(0)))
+    agent = random_baseline.UniformRandomAgent(spaces.Box(-1, 1, (2,)), 0)
+    assert agent.predict({"image": np.zeros((3, 4)), "vector": np.zeros((3, 1))})[0].shape == (3, 2)
 
 
 def test_aggregate_missing_data_and_unknown_env(tmp_path):
