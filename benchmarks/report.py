@@ -45,6 +45,7 @@ from benchmarks.learning import LEARNING_DIR, SUITES
 from benchmarks.random_baseline import RANDOM_DIR
 
 ANCHORS_FILE = Path(__file__).resolve().parent / "anchors.yaml"
+RANDOM_LEVEL_SE = 2.0  # "above random play": above the random policy's mean by more than this many standard errors
 JOB_DIR_RE = re.compile(r"^seed(?P<seed>\d+)_(?P<budget>[0-9.]+[kM]?)(?:_(?P<tag>.+))?$")
 ALGO_LABELS = {"dreamerv2": "DreamerV2", "dqn": "DQN", "dreamerv3": "DreamerV3"}
 
@@ -64,6 +65,7 @@ class Run:
     tag: str = ""
     wall_seconds: float | None = None
     path: str = ""
+    episodes: int = 0  # episodes per evaluation (0: unknown)
 
     @property
     def label(self) -> str:
@@ -93,15 +95,18 @@ class Row:
     max_steps: int  # largest evaluated env step over the seeds
     n_stopped: int = 0
     last: Cell | None = None  # each seed's last evaluation, wherever it got to (diagnostic runs off the budgets)
+    episodes: int = 0  # episodes per evaluation, the fewest over the seeds (0: unknown)
 
 
-def load_evaluations(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps, mean return per evaluation) from an EvalCallback ``evaluations.npz``."""
+def load_evaluations(path: Path | str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(timesteps, mean return per evaluation, episodes per evaluation) from an EvalCallback ``evaluations.npz``."""
     with np.load(path) as data:
         timesteps = np.asarray(data["timesteps"], dtype=np.int64).reshape(-1)
         results = np.asarray(data["results"], dtype=np.float64)
-    returns = results.reshape(len(timesteps), -1).mean(axis=1) if len(timesteps) else np.zeros(0)
-    return timesteps, returns
+    if not len(timesteps):
+        return timesteps, np.zeros(0), 0
+    results = results.reshape(len(timesteps), -1)
+    return timesteps, results.mean(axis=1), results.shape[1]
 
 
 def _run_number(path: Path) -> int:
@@ -131,9 +136,9 @@ def find_runs(root: Path | str = LEARNING_DIR) -> list[Run]:
                 record = {}
         npzs = sorted(job_dir.glob(f"{algo}/*/evaluations.npz"), key=_run_number)
         if npzs:
-            timesteps, returns = load_evaluations(npzs[-1])
+            timesteps, returns, episodes = load_evaluations(npzs[-1])
         else:
-            timesteps, returns = np.zeros(0, dtype=np.int64), np.zeros(0)
+            timesteps, returns, episodes = np.zeros(0, dtype=np.int64), np.zeros(0), 0
         runs.append(
             Run(
                 algo=record.get("algo", algo),
@@ -146,6 +151,7 @@ def find_runs(root: Path | str = LEARNING_DIR) -> list[Run]:
                 tag=record.get("tag", match.group("tag") or ""),
                 wall_seconds=record.get("wall_seconds"),
                 path=str(job_dir),
+                episodes=episodes,
             )
         )
     return runs
@@ -255,6 +261,7 @@ def aggregate(
                     wall_seconds_mean=float(np.mean(walls)) if walls else None,
                     max_steps=max((int(r.timesteps.max()) for r in seeds if len(r.timesteps)), default=0),
                     last=mean_std([float(r.returns[-1]) for r in seeds if len(r.returns)]),
+                    episodes=min((r.episodes for r in seeds if r.episodes), default=0),
                 )
             )
         shown = [b for b in env_budgets if any(row.cells.get(b) is not None for row in env_rows)]
@@ -399,16 +406,18 @@ def head_to_head(rows: Sequence[Row], usable: Mapping[tuple[str, str], Sequence[
 
 
 def render_head_to_head(comparisons: Sequence[Comparison], random: Mapping[str, Mapping[str, Any]] | None = None,
-                        means: Mapping[tuple[str, int], tuple[float, float]] | None = None) -> str:
+                        above: Mapping[tuple[str, int], tuple[bool | None, bool | None]] | None = None) -> str:
     """The comparison table (with the uniform random policy's return per env where ``random`` has it), then one line
-    per suite budget: on how many of the suite's envs DreamerV2 is ahead and, given ``means`` ((env, budget) ->
-    (DreamerV2 mean, DQN mean)), on how many each algorithm's mean is above the random policy's."""
+    per suite budget: on how many of the suite's envs DreamerV2 is ahead and, given ``above`` ((env, budget) ->
+    whether DreamerV2 and DQN are above random play, :func:`above_random`), on how many each one is above it."""
     if not comparisons:
         return ""
-    random = random or {}
+    random, above = random or {}, above or {}
     lines = ["| env | measure | DreamerV2 | DQN | uniform random | ahead |", "|---|---|---|---|---|---|"]
     for c in comparisons:
         ahead = c.ahead + (" (within the seed spread)" if c.within_spread else "")
+        if c.budget is not None and above.get((c.env, c.budget)) == (False, False):
+            ahead += " (neither above random play)"
         level = fmt_random(random.get(c.env)) if c.budget is not None else ""
         lines.append(f"| {c.env} | {c.measure} | {c.dreamer} | {c.dqn} | {level} | {ahead} |")
     lines.append("")
@@ -421,11 +430,11 @@ def render_head_to_head(comparisons: Sequence[Comparison], random: Mapping[str, 
                 wins = sum(c.ahead == _label("dreamerv2") for c in measured)
                 line = (f"* **{suite.name} @ {fmt_steps(budget)}**: DreamerV2 ahead on {wins} of {len(measured)} "
                         f"games measured by both ({len(suite.envs)} in the suite).")
-                known = [c for c in measured if c.env in random and means and (c.env, budget) in means]
+                known = [above[(c.env, budget)] for c in measured if (c.env, budget) in above]
                 if known:
-                    above = [sum(means[(c.env, budget)][i] > random[c.env]["mean"] for c in known) for i in (0, 1)]
-                    line += (f" Above the uniform random policy's mean on {above[0]} (DreamerV2) and {above[1]} (DQN) "
-                             f"of the {len(known)} with a random baseline.")
+                    counts = [sum(bool(flags[i]) for flags in known) for i in (0, 1)]
+                    line += (f" Above random play on {counts[0]} (DreamerV2) and {counts[1]} (DQN) of the {len(known)} "
+                             "with a random baseline.")
                 lines.append(line)
     return "\n".join(lines).rstrip()
 
@@ -488,17 +497,30 @@ def _is_atari(env: str) -> bool:
     return env.startswith("ALE/") or "NoFrameskip" in env
 
 
-def _both_means(rows: Sequence[Row]) -> dict[tuple[str, int], tuple[float, float]]:
-    """(env, budget) -> (DreamerV2 mean, DQN mean) of the untagged rows, where both have a value."""
-    cells = {(row.env, row.label): row.cells for row in rows}
+def above_random(cell: Cell, episodes: int, baseline: Mapping[str, Any]) -> bool | None:
+    """Whether ``cell``'s mean return is above random play: above the uniform random policy's mean by more than
+    ``RANDOM_LEVEL_SE`` standard errors of a random evaluation as large as the cell's (seeds x episodes per
+    evaluation), so that evaluation noise around random play does not explain it. None when the episodes are unknown."""
+    if not episodes or not cell.n:
+        return None
+    return cell.mean > baseline["mean"] + RANDOM_LEVEL_SE * baseline["std"] / math.sqrt(cell.n * episodes)
+
+
+def _above_random(rows: Sequence[Row], random: Mapping[str, Mapping[str, Any]]
+                  ) -> dict[tuple[str, int], tuple[bool | None, bool | None]]:
+    """(env, budget) -> (DreamerV2 above random play, DQN above random play) for the untagged rows of envs that have a
+    random baseline, where both rows have a value."""
+    by_key = {(row.env, row.label): row for row in rows if row.env in random}
     out = {}
-    for (env, label), by_budget in cells.items():
-        if label != "dreamerv2" or (env, "dqn") not in cells:
+    for (env, label), row in by_key.items():
+        other = by_key.get((env, "dqn"))
+        if label != "dreamerv2" or other is None:
             continue
-        for budget, cell in by_budget.items():
-            other = cells[(env, "dqn")].get(budget)
-            if cell is not None and other is not None:
-                out[(env, budget)] = (cell.mean, other.mean)
+        for budget, cell in row.cells.items():
+            other_cell = other.cells.get(budget)
+            if cell is not None and other_cell is not None:
+                out[(env, budget)] = (above_random(cell, row.episodes, random[env]),
+                                      above_random(other_cell, other.episodes, random[env]))
     return out
 
 
@@ -540,12 +562,15 @@ def render_markdown(
         by_env[row.env].append(row)
     if not by_env:
         out += ["No results yet: run `python -m benchmarks.learning --suite cartpole` first.", ""]
-    comparison = render_head_to_head(head_to_head(rows, usable), random, _both_means(rows))
+    comparison = render_head_to_head(head_to_head(rows, usable), random, _above_random(rows, random))
     if comparison:
         out += ["## DreamerV2 vs DQN", "",
                 "Untagged runs only; *ahead* is the higher mean (for steps-to-threshold: more seeds there within the "
                 "env steps every seed of both reached, then fewer steps). *Within the seed spread*: the difference is "
-                "smaller than the larger of the two standard deviations.", "", comparison, ""]
+                "smaller than the larger of the two standard deviations. *Uniform random*: mean ± std of the random policy's "
+                "episode returns on the same evaluation env (`python -m benchmarks.random_baseline`); *above random play*: "
+                "a mean above the random policy's by more than 2 standard errors of a random evaluation with as many "
+                "episodes (seeds x episodes per evaluation).", "", comparison, ""]
     for env, env_rows in by_env.items():
         out += [f"## {env}", "", render_env_table(env_rows), ""]
         if env in random:

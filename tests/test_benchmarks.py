@@ -179,13 +179,18 @@ def test_head_to_head_shows_the_random_policy_and_who_is_above_it(tmp_path):
     rows = report.aggregate(runs)
     random = {"MinAtar/Breakout-v1": random_result("MinAtar/Breakout-v1", 0.36, 0.56),
               "MinAtar/Asterix-v1": random_result("MinAtar/Asterix-v1", 0.6)}
-    text = report.render_head_to_head(report.head_to_head(rows, report.select_runs(runs)[0]), random,
-                                      report._both_means(rows))
+    # write_job stores 2 episodes per evaluation: 2 seeds x 2 episodes, so random play's margin is 2 std / sqrt(4) = std
+    assert {row.episodes for row in rows} == {2}
+    above = report._above_random(rows, random)
+    assert above == {("MinAtar/Breakout-v1", 50_000): (True, True),  # 4.0 and 2.0 > 0.36 + 0.56
+                     ("MinAtar/Asterix-v1", 50_000): (False, False)}  # 0.5 and 1.0 <= 0.6 + 1.0
+    text = report.render_head_to_head(report.head_to_head(rows, report.select_runs(runs)[0]), random, above)
     assert "| env | measure | DreamerV2 | DQN | uniform random | ahead |" in text
     assert "| MinAtar/Breakout-v1 | return @ 50k | 4.0 ± 0.0 | 2.0 ± 0.0 | 0.4 ± 0.6 | DreamerV2 |" in text
-    assert "| MinAtar/Asterix-v1 | return @ 50k | 0.5 ± 0.0 | 1.0 ± 0.0 | 0.6 ± 1.0 | DQN |" in text
-    assert ("* **minatar @ 50k**: DreamerV2 ahead on 1 of 2 games measured by both (5 in the suite). Above the uniform "
-            "random policy's mean on 1 (DreamerV2) and 2 (DQN) of the 2 with a random baseline.") in text
+    assert ("| MinAtar/Asterix-v1 | return @ 50k | 0.5 ± 0.0 | 1.0 ± 0.0 | 0.6 ± 1.0 | DQN (neither above random "
+            "play) |") in text
+    assert ("* **minatar @ 50k**: DreamerV2 ahead on 1 of 2 games measured by both (5 in the suite). Above random "
+            "play on 1 (DreamerV2) and 1 (DQN) of the 2 with a random baseline.") in text
     no_random = report.render_head_to_head(report.head_to_head(rows, report.select_runs(runs)[0]))
     assert "| 4.0 ± 0.0 | 2.0 ± 0.0 | — | DreamerV2 |" in no_random and "Above the uniform" not in no_random
 
@@ -199,6 +204,14 @@ def test_head_to_head_shows_the_random_policy_and_who_is_above_it(tmp_path):
             "mean length 60 steps (`python -m benchmarks.random_baseline --suite minatar`).") in asterix
     assert "Uniform random" not in markdown.split("## MinAtar/Breakout-v1")[1].split("## ")[0]  # no file for Breakout
     assert (tmp_path / "plots" / "MinAtar-Asterix-v1.png").stat().st_size > 1000
+
+
+def test_above_random_play_is_two_standard_errors_above_the_random_mean():
+    baseline = {"mean": 0.5, "std": 0.86}  # margin for 3 seeds x 10 episodes: 2 * 0.86 / sqrt(30) = 0.314
+    assert report.above_random(report.Cell(mean=0.82, std=0.3, n=3), 10, baseline) is True
+    assert report.above_random(report.Cell(mean=0.81, std=0.3, n=3), 10, baseline) is False
+    assert report.above_random(report.Cell(mean=0.81, std=0.3, n=3), 40, baseline) is True  # margin 0.157
+    assert report.above_random(report.Cell(mean=5.0, std=0.0, n=1), 0, baseline) is None  # episodes unknown
 
 
 def test_random_baseline_plays_the_suite_evaluation_env(tmp_path):
