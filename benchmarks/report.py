@@ -567,10 +567,10 @@ def render_markdown(
         out += ["## DreamerV2 vs DQN", "",
                 "Untagged runs only; *ahead* is the higher mean (for steps-to-threshold: more seeds there within the "
                 "env steps every seed of both reached, then fewer steps). *Within the seed spread*: the difference is "
-                "smaller than the larger of the two standard deviations. *Uniform random*: mean ± std of the random policy's "
-                "episode returns on the same evaluation env (`python -m benchmarks.random_baseline`); *above random play*: "
-                "a mean above the random policy's by more than 2 standard errors of a random evaluation with as many "
-                "episodes (seeds x episodes per evaluation).", "", comparison, ""]
+                "smaller than the larger of the two standard deviations. *Uniform random*: mean ± std of the random "
+                "policy's episode returns on the same evaluation env (`python -m benchmarks.random_baseline`); *above "
+                f"random play*: a mean above the random policy's by more than {RANDOM_LEVEL_SE:g} standard errors of a "
+                "random evaluation with as many episodes (seeds x episodes per evaluation).", "", comparison, ""]
     for env, env_rows in by_env.items():
         out += [f"## {env}", "", render_env_table(env_rows), ""]
         if env in random:
