@@ -84,9 +84,7 @@ def make_eval_env(env_id: str, env_kwargs: dict[str, Any], seed: int) -> Any:
     """One env as the zoo's EvalCallback gets it (a ``DummyVecEnv`` of ``Monitor`` over the env and its wrappers)."""
     from rl_zoo3.utils import create_test_env
 
-    import sb3_dreamer.envs  # noqa: F401  (registers the MinAtar ids)
-
-    wrapper = env_wrapper(env_id)
+    wrapper = env_wrapper(env_id)  # also registers the MinAtar ids, which create_test_env looks up
     return create_test_env(env_id, n_envs=1, seed=seed, should_render=False,
                            hyperparams={"env_wrapper": wrapper} if wrapper else {}, env_kwargs=env_kwargs)
 
