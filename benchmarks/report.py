@@ -294,7 +294,7 @@ def load_random_baselines(root: Path | str = RANDOM_DIR) -> dict[str, dict[str, 
 
 def fmt_random(baseline: Mapping[str, Any] | None) -> str:
     """``mean ± std`` of the random policy's episode returns, ``—`` when not measured."""
-    return "—" if baseline is None else f"{_fmt_value(baseline['mean'])} ± {_fmt_value(baseline['std'])}"
+    return fmt_cell(None if baseline is None else Cell(baseline["mean"], baseline["std"], baseline["episodes"]))
 
 
 def load_anchors(path: Path | str = ANCHORS_FILE) -> list[dict[str, Any]]:
