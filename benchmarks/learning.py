@@ -14,8 +14,15 @@ deterministic except on Atari, where the zoo evaluates stochastically for every 
 the zoo's log folder (``<algo>/<EnvName>_1/evaluations.npz``, ``config.yml``, the model) plus ``train.log`` and
 ``job.json`` (command, start/end time, wall seconds, machine, torch version, git commit, status), written atomically
 with ``"status": "running"`` when the job starts and rewritten when it ends. Rerunning skips jobs whose ``job.json``
-says ``"status": "ok"``; a job that failed or was interrupted is started again from scratch (its partial zoo output is
-removed first).
+says ``"status": "ok"``, and jobs still running (their process is alive on this host).
+
+Long jobs are resumable: with a checkpoint frequency (the suite's ``checkpoint_freq``, or ``--checkpoint-freq``) the
+zoo saves the model and its replay buffer every so many steps (``sb3_dreamer.zoo train --checkpoint-freq``, keeping the
+newest). A job stopped before its end (``--timeout``, Ctrl-C, a killed session) is then ``"paused"`` (its evaluations
+so far count in the report) and the next run of the harness continues it from its newest checkpoint
+(``sb3_dreamer.zoo train --resume``: same run folder, same step counters, the evaluations up to the checkpoint kept);
+``job.json`` lists every segment and sums their wall time. A job without a checkpoint, or one run with ``--force``,
+starts again from scratch (its partial zoo output is removed first).
 
 Usage::
 
@@ -24,6 +31,8 @@ Usage::
     python -m benchmarks.learning --suite cartpole --dry-run         # print the commands only
     python -m benchmarks.learning --suite cartpole --algos dreamerv2 --budget 5000 --eval-freq 500 \\
         --algo-params dreamerv2 learning_starts:500 --tag quick
+    python -m benchmarks.learning --suite minatar --algos dreamerv2 --seeds 0 --budget 250000 --timeout 3000
+        # 50 minutes of it now; the same command later carries on from the newest checkpoint
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +99,7 @@ class Suite:
     env_kwargs: tuple[str, ...] = ()  # --env-kwargs "key:value" items for every env, training and evaluation
     algo_params: tuple[tuple[str, str], ...] = ()  # (algo, "key:value") -params for one algorithm
     scaled_params: tuple[tuple[str, str, int], ...] = ()  # (algo, key, steps): key = steps / budget (a fraction)
+    checkpoint_freq: int = 0  # env steps between resumable checkpoints (0: none; short jobs just rerun)
     notes: str = ""
 
     def conf_file(self, algo: str) -> str | None:
@@ -128,6 +139,7 @@ SUITES: dict[str, Suite] = {
         report_budgets=(50_000, 100_000, 250_000, 500_000),
         env_kwargs=(MINATAR_TIME_LIMIT,),
         scaled_params=(("dqn", "exploration_fraction", 100_000),),
+        checkpoint_freq=10_000,
         notes="MinAtar -v1 ids (minimal action set), sticky actions 0.1 (the minatar default), no frame skip: steps = "
         "frames. DQN with sb3_dreamer/hyperparams/dqn.yml (Young & Tian's DQN; epsilon 1 -> 0.1 over the first 100k "
         "steps whatever the budget), DreamerV2 with sb3_dreamer/hyperparams/dreamerv2.yml. A TimeLimit of 10k steps "
@@ -143,6 +155,7 @@ SUITES: dict[str, Suite] = {
         eval_freq=25_000,
         report_budgets=(100_000, 250_000, 500_000, 1_000_000),
         algo_params=tuple(("dqn", item) for item in DREAMER_ATARI_PROTOCOL),
+        checkpoint_freq=25_000,
         notes="ALE/Pong-v5 with DreamerV2's Atari protocol for both algorithms (sb3_dreamer.envs.DreamerAtariWrapper: "
         "sticky actions 0.25, action repeat 4 with max-pool, up to 30 no-ops, 64x64 gray, no life-loss termination, "
         "no reward clipping, 108k-frame episodes; minimal action set). Each agent step is 4 frames: budget 250k steps "
@@ -171,6 +184,7 @@ class Job:
     device: str | None = None
     threads: int | None = None
     tag: str = ""
+    checkpoint_freq: int = 0
     python: str = sys.executable
 
     @property
@@ -186,7 +200,12 @@ class Job:
     def job_file(self) -> Path:
         return self.dir / "job.json"
 
-    def command(self) -> list[str]:
+    @property
+    def run_folder(self) -> Path:
+        """The zoo's ``<algo>`` folder inside the job folder (holding ``<EnvName>_<k>`` run folders)."""
+        return self.dir / self.algo
+
+    def command(self, resume: bool = False) -> list[str]:
         cmd = [
             self.python, "-m", "sb3_dreamer.zoo", "train",
             "--algo", self.algo,
@@ -205,6 +224,10 @@ class Job:
             cmd += ["--conf-file", self.conf_file]
         if self.env_kwargs:
             cmd += ["--env-kwargs", *self.env_kwargs]
+        if self.checkpoint_freq:
+            cmd += ["--checkpoint-freq", str(self.checkpoint_freq)]
+        if resume:
+            cmd += ["--resume"]
         if self.params:
             cmd += ["-params", *self.params]
         return cmd
@@ -254,6 +277,7 @@ def build_jobs(
     device: str | None = None,
     threads: int | None = None,
     tag: str = "",
+    checkpoint_freq: int | None = None,
 ) -> list[Job]:
     """All jobs of a suite (with overrides), ordered seed-major so that partial runs cover every (algo, env) early."""
     algo_params = algo_params or {}
@@ -270,78 +294,148 @@ def build_jobs(
                                 *algo_params.get(algo, ())),
                         env_kwargs=suite.env_kwargs, conf_file=suite.conf_file(algo),
                         device=device, threads=threads, tag=tag,
+                        checkpoint_freq=int(suite.checkpoint_freq if checkpoint_freq is None else checkpoint_freq),
                     )
                 )
     return jobs
 
 
-def run_job(job: Job, timeout: float | None = None, echo: bool = True) -> dict[str, Any]:
-    """Run one job (its partial output from an earlier attempt is removed first); write job.json at the end."""
+def process_running(pid: Any, marker: str) -> bool:
+    """Whether process ``pid`` runs a command line containing ``marker`` (without /proc: whether it exists)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    from sb3_dreamer.common.checkpointing import pid_alive
+
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists() and pid_alive(pid)
+    except OSError:
+        return pid_alive(pid)
+
+
+def is_alive(record: dict[str, Any] | None) -> bool:
+    """Whether the job.json ``record`` is that of a job still running on this host (its harness or its zoo process)."""
+    if record is None or record.get("status") != "running" or record.get("host") != socket.gethostname():
+        return False
+    return process_running(record.get("pid"), "benchmarks") or process_running(record.get("zoo_pid"), "sb3_dreamer.zoo")
+
+
+def resume_point(job: Job) -> Any:
+    """The checkpoint the zoo's ``--resume`` would continue ``job`` from (a ``zoo_resume.Checkpoint``), or None."""
+    if not job.checkpoint_freq:
+        return None
+    from huggingface_sb3 import EnvironmentName
+    from rl_zoo3.utils import ALGOS
+    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+    from sb3_dreamer.zoo import register
+    from sb3_dreamer.zoo_resume import find_resume_point, latest_run_dir
+
+    register()
+    run_dir = latest_run_dir(job.run_folder, f"{EnvironmentName(job.env)}")
+    if run_dir is None:
+        return None
+    return find_resume_point(run_dir, need_buffer=issubclass(ALGOS[job.algo], OffPolicyAlgorithm))
+
+
+def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bool = False) -> dict[str, Any]:
+    """Run one job, or continue it from its newest checkpoint; write job.json at the start and at the end.
+
+    Without a checkpoint to continue from (or with ``force``) the partial output of an earlier attempt is removed first.
+    """
     job.dir.mkdir(parents=True, exist_ok=True)
-    for stale in (job.dir / job.algo, job.job_file):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
-    cmd = job.command()
+    previous = read_job(job.dir)
+    point = None if force else resume_point(job)
+    if point is None:
+        previous = None
+        for stale in (job.run_folder, job.job_file):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+    cmd = job.command(resume=point is not None)
     started = datetime.now(timezone.utc)
+    segment: dict[str, Any] = {
+        "start_time": started.isoformat(timespec="seconds"), "resumed_from_step": point.steps if point else None,
+        "command": shlex.join(cmd), "loadavg_start": loadavg(),
+    }  # fmt: skip
     record: dict[str, Any] = {
         "algo": job.algo, "env": job.env, "seed": job.seed, "budget": job.budget,
         "budget_label": fmt_steps(job.budget), "eval_freq": job.eval_freq, "eval_episodes": job.eval_episodes,
         "params": list(job.params), "conf_file": job.conf_file, "device": job.device, "threads": job.threads,
-        "tag": job.tag,
-        "command": shlex.join(cmd), "command_portable": portable_command(cmd), "cwd": str(REPO_ROOT),
-        "start_time": started.isoformat(timespec="seconds"),
-        "loadavg_start": loadavg(),
+        "tag": job.tag, "checkpoint_freq": job.checkpoint_freq,
+        "command": shlex.join(job.command()), "command_portable": portable_command(job.command()), "cwd": str(REPO_ROOT),
+        "start_time": (previous or {}).get("start_time", segment["start_time"]),
+        "loadavg_start": (previous or {}).get("loadavg_start", segment["loadavg_start"]),
     }  # fmt: skip
-    atomic_write_json(job.job_file, {**record, "status": "running", "pid": os.getpid()})
+    segments = [*(previous or {}).get("segments", []), segment]
     if echo:
-        print(f"[learning] start {job.key}: {record['command']}", flush=True)
+        how = f"resume from step {point.steps}" if point else "start"
+        print(f"[learning] {how} {job.key}: {segment['command']}", flush=True)
     t0 = time.perf_counter()
     status, returncode = "ok", None
-    with open(job.dir / "train.log", "w") as log:
+    with open(job.dir / "train.log", "a" if point else "w") as log:
+        if point:
+            log.write(f"\n[learning] {segment['start_time']}: resuming from the checkpoint at step {point.steps}\n")
+            log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        atomic_write_json(job.job_file, {**record, "segments": segments, "status": "running", "pid": os.getpid(),
+                                         "zoo_pid": proc.pid, "host": socket.gethostname()})  # fmt: skip
         try:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-            returncode = proc.returncode
+            returncode = proc.wait(timeout=timeout)
             status = "ok" if returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
             status = "timeout"
         except KeyboardInterrupt:
             status = "interrupted"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if status in ("timeout", "interrupted") and resume_point(job) is not None:
+        segment["stopped_by"], status = status, "paused"
+    segment.update(end_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   wall_seconds=round(time.perf_counter() - t0, 2), status=status, loadavg_end=loadavg())  # fmt: skip
     record.update(
-        end_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        wall_seconds=round(time.perf_counter() - t0, 2), status=status, returncode=returncode,
-        loadavg_end=loadavg(), machine=machine_info(),
+        end_time=segment["end_time"], wall_seconds=round(sum(s["wall_seconds"] for s in segments), 2), status=status,
+        returncode=returncode, loadavg_end=segment["loadavg_end"], machine=machine_info(), segments=segments,
     )
-    if status == "ok" and not list((job.dir / job.algo).glob("*/evaluations.npz")):
+    if status == "ok" and not list(job.run_folder.glob("*/evaluations.npz")):
         record["warning"] = "the zoo run ended without evaluations.npz (budget below --eval-freq?)"
     atomic_write_json(job.job_file, record)
     if echo:
-        print(f"[learning] {status} {job.key} in {record['wall_seconds']:.0f} s (log: {job.dir / 'train.log'})", flush=True)
-    if status == "interrupted":
+        print(f"[learning] {status} {job.key} in {segment['wall_seconds']:.0f} s (log: {job.dir / 'train.log'})", flush=True)
+    if segment.get("stopped_by") == "interrupted" or status == "interrupted":
         raise KeyboardInterrupt
     return record
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeout: float | None = None,
              dry_run: bool = False) -> dict[str, list[Job]]:
-    """Run the jobs that are not finished yet; return them grouped as ``skipped``/``ok``/``failed``/``planned``."""
-    outcome: dict[str, list[Job]] = {"skipped": [], "ok": [], "failed": [], "planned": []}
+    """Run the jobs that are not finished yet (continuing paused ones); return them grouped as
+    ``skipped``/``busy``/``ok``/``paused``/``failed``/``planned``."""
+    outcome: dict[str, list[Job]] = {"skipped": [], "busy": [], "ok": [], "paused": [], "failed": [], "planned": []}
     todo = []
     for job in jobs:
-        if not force and is_finished(job):
+        record = read_job(job.dir)
+        if is_alive(record):
+            outcome["busy"].append(job)
+            print(f"[learning] skip {job.key} (running now: pid {record.get('pid')}, zoo pid {record.get('zoo_pid')})",
+                  flush=True)  # fmt: skip
+        elif not force and record is not None and record.get("status") == "ok":
             outcome["skipped"].append(job)
             print(f"[learning] skip {job.key} (finished: {job.job_file})", flush=True)
         else:
             todo.append(job)
     if dry_run:
         for job in todo:
-            print(shlex.join(job.command()))
+            print(shlex.join(job.command(resume=not force and resume_point(job) is not None)))
         outcome["planned"] = todo
         return outcome
 
     def one(job: Job) -> tuple[Job, str]:
-        return job, run_job(job, timeout=timeout)["status"]
+        return job, run_job(job, timeout=timeout, force=force)["status"]
 
     if parallel <= 1:
         results = [one(job) for job in todo]
@@ -349,7 +443,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             results = list(pool.map(one, todo))
     for job, status in results:
-        outcome["ok" if status == "ok" else "failed"].append(job)
+        outcome[status if status in ("ok", "paused") else "failed"].append(job)
     return outcome
 
 
@@ -381,8 +475,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", default="", help="suffix of the job folders (runs with non-default settings)")
     parser.add_argument("--results-dir", type=Path, default=LEARNING_DIR, help="root of the job folders")
     parser.add_argument("--parallel", type=int, default=1, help="jobs run at the same time (mind the cores)")
-    parser.add_argument("--timeout", type=float, help="seconds per job before it is killed (status: timeout)")
-    parser.add_argument("--force", action="store_true", help="rerun finished jobs too")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds per job (per segment) before it is stopped: paused if it has a checkpoint")
+    parser.add_argument("--checkpoint-freq", type=int,
+                        help="env steps between resumable checkpoints (default: the suite's; 0: none)")
+    parser.add_argument("--force", action="store_true", help="rerun finished jobs too, and paused ones from scratch")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the jobs to run, run nothing")
     parser.add_argument("--list-suites", action="store_true", help="describe the suites and exit")
     return parser
@@ -400,13 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         suite, results_dir=args.results_dir, algos=args.algos, envs=args.envs, seeds=args.seeds, budget=args.budget,
         eval_freq=args.eval_freq, eval_episodes=args.eval_episodes, extra_params=args.extra_params,
         algo_params=parse_algo_params(args.algo_params), device=args.device, threads=args.threads, tag=args.tag,
+        checkpoint_freq=args.checkpoint_freq,
     )
     if not args.dry_run and not zoo_available():
         print("[learning] sb3_dreamer.zoo is missing: the zoo launcher is needed to run jobs", file=sys.stderr)
         return 2
     outcome = run_jobs(jobs, parallel=args.parallel, force=args.force, timeout=args.timeout, dry_run=args.dry_run)
     print(f"[learning] {len(jobs)} jobs: " + ", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v), flush=True)
-    return 1 if outcome["failed"] else 0
+    return 1 if outcome["failed"] else 0  # paused jobs are not failures: the next run continues them
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ rl-zoo3 has no plugin mechanism, so :func:`register` mutates its shared dictiona
 hyperparameter file (``sb3_dreamer/hyperparams/<algo>.yml``) when no ``-conf``/``--conf-file`` is given, and hands over
 to rl-zoo3 with ``sys.argv`` set, so every zoo flag works unchanged. See docs/zoo.md.
 
-Launcher-only options (removed before the zoo parses the command line), for tuning with an RDB storage:
+Launcher-only options of ``train`` (removed before the zoo parses the command line), for long runs that may stop:
+``--checkpoint-freq N`` saves a resumable checkpoint (model, replay buffer, VecNormalize statistics) every ``N`` env
+steps, keeping the newest ``--keep-checkpoints K`` (1); ``--resume`` continues the newest run folder from its newest
+checkpoint, with ``-n`` the run's total (see :mod:`sb3_dreamer.zoo_resume` and docs/resume.md).
+
+Launcher-only options for tuning with an RDB storage:
 ``--heartbeat-interval S`` (with ``--grace-period S`` and ``--max-retry N``) makes a ``postgresql://``/``mysql://``/
 ``sqlite://`` ``--storage`` an Optuna ``RDBStorage`` with heartbeats, so the trial of a killed worker is marked FAIL and
 re-queued once another worker starts a trial.
@@ -151,6 +156,41 @@ def _default_conf_file(args: list[str]) -> str | None:
     return str(ours) if env_id in our_keys and env_id not in zoo_keys else None
 
 
+def _pop_resume_options(args: list[str]) -> tuple[list[str], dict[str, Any] | None]:
+    parser = argparse.ArgumentParser(prog="sb3_dreamer.zoo train", add_help=False, allow_abbrev=False)
+    parser.add_argument("--checkpoint-freq", type=int, default=0)
+    parser.add_argument("--keep-checkpoints", type=int, default=1)
+    parser.add_argument("--resume", action="store_true")
+    known, rest = parser.parse_known_args(args)
+    if known.checkpoint_freq == 0 and not known.resume:
+        return rest, None
+    if {"-optimize", "--optimize-hyperparameters"} & set(rest):
+        parser.error("--checkpoint-freq and --resume apply to training runs, not to -optimize")
+    return rest, dict(checkpoint_freq=known.checkpoint_freq, keep_checkpoints=known.keep_checkpoints, resume=known.resume)
+
+
+@contextlib.contextmanager
+def _resumable_training(options: dict[str, Any] | None) -> Iterator[None]:
+    """While active, rl-zoo3's ``train()`` builds a :func:`~sb3_dreamer.zoo_resume.resumable_experiment_manager`."""
+    if options is None:
+        yield
+        return
+    from rl_zoo3 import train
+
+    from sb3_dreamer.zoo_resume import resumable_experiment_manager
+
+    try:
+        manager = resumable_experiment_manager(**options)
+    except ValueError as error:
+        sys.exit(f"sb3_dreamer.zoo train: {error}")
+    original = train.ExperimentManager
+    train.ExperimentManager = manager
+    try:
+        yield
+    finally:
+        train.ExperimentManager = original
+
+
 def _pop_heartbeat_options(args: list[str]) -> tuple[list[str], dict[str, int] | None]:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--heartbeat-interval", type=int, default=None)
@@ -224,14 +264,16 @@ def main(argv: list[str] | None = None) -> None:
     script, args = argv[0], argv[1:]
     register()
     args, heartbeat = _pop_heartbeat_options(args)
+    resume = None
     if script == "train":
+        args, resume = _pop_resume_options(args)
         conf_file = _default_conf_file(args)
         if conf_file is not None:
             args += ["--conf-file", conf_file]
     old_argv = sys.argv
     sys.argv = [f"sb3_dreamer.zoo {script}", *args]
     try:
-        with _heartbeat_storage(heartbeat):
+        with _heartbeat_storage(heartbeat), _resumable_training(resume):
             _run(script)
     finally:
         sys.argv = old_argv

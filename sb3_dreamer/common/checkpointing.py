@@ -67,7 +67,8 @@ def _fsync_dir(folder: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (True where that cannot be told, e.g. on Windows)."""
     if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
         return True
     try:
@@ -87,7 +88,7 @@ def remove_stale_temp_files(final: pathlib.Path) -> list[pathlib.Path]:
     removed = []
     for tmp in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
         pid_text = tmp.name[len(final.name) + 2 :].split(".", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
