@@ -51,6 +51,7 @@ ALGO_LABELS = {"dreamerv2": "DreamerV2", "dqn": "DQN", "dreamerv3": "DreamerV3"}
 
 
 # ---------------------------------------------------------------------------------------------------------- data
+PARTIAL_OK = ("ok", "running", "stopped", "paused")  # statuses whose evaluations count (up to where the run got)
 @dataclasses.dataclass
 class Run:
     """One job: evaluation curve (env steps, mean evaluation return) and its status."""
@@ -61,7 +62,9 @@ class Run:
     budget: int | None  # configured env steps (None if unknown)
     timesteps: np.ndarray  # [n_evals] int
     returns: np.ndarray  # [n_evals] mean return over the evaluation's episodes
-    status: str = "ok"  # ok | failed | timeout | interrupted | running | stopped (by hand, partial results kept)
+    # ok | failed | timeout | interrupted | running | stopped (by hand, partial results kept) | paused (stopped with a
+    # checkpoint: the harness continues it; partial results kept)
+    status: str = "ok"
     tag: str = ""
     wall_seconds: float | None = None
     path: str = ""
@@ -88,12 +91,13 @@ class Row:
     threshold: float | None
     threshold_steps: Cell | None  # over the seeds that reached the threshold
     threshold_reached: int
-    n_seeds: int  # runs aggregated (ok, still running, or stopped early by hand: those count up to where they got)
+    n_seeds: int  # runs aggregated (ok, running, stopped early by hand or paused: those count up to where they got)
     n_failed: int
     n_running: int
     wall_seconds_mean: float | None
     max_steps: int  # largest evaluated env step over the seeds
     n_stopped: int = 0
+    n_paused: int = 0
     last: Cell | None = None  # each seed's last evaluation, wherever it got to (diagnostic runs off the budgets)
     episodes: int = 0  # episodes per evaluation, the fewest over the seeds (0: unknown)
 
@@ -198,7 +202,7 @@ def select_runs(runs: Iterable[Run]) -> tuple[dict[tuple[str, str], list[Run]], 
     failed: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         key = (run.env, run.label)
-        if run.status not in ("ok", "running", "stopped"):
+        if run.status not in PARTIAL_OK:
             failed[key].append(run)
             continue
         best = usable[key].get(run.seed)
@@ -257,7 +261,7 @@ def aggregate(
                     env=env, label=key[1], algo=any_run.algo, cells=cells, threshold=threshold,
                     threshold_steps=mean_std(reached), threshold_reached=len(reached), n_seeds=len(seeds),
                     n_failed=len(failed.get(key, [])), n_running=sum(r.status == "running" for r in seeds),
-                    n_stopped=sum(r.status == "stopped" for r in seeds),
+                    n_stopped=sum(r.status == "stopped" for r in seeds), n_paused=sum(r.status == "paused" for r in seeds),
                     wall_seconds_mean=float(np.mean(walls)) if walls else None,
                     max_steps=max((int(r.timesteps.max()) for r in seeds if len(r.timesteps)), default=0),
                     last=mean_std([float(r.returns[-1]) for r in seeds if len(r.returns)]),
@@ -456,6 +460,7 @@ def render_env_table(rows: Sequence[Row]) -> str:
     for row in rows:
         seeds = str(row.n_seeds) + (f" ({row.n_running} running)" if row.n_running else "")
         seeds += f" ({row.n_stopped} stopped early)" if row.n_stopped else ""
+        seeds += f" ({row.n_paused} paused, to be continued)" if row.n_paused else ""
         seeds += f" (+{row.n_failed} failed)" if row.n_failed else ""
         cells = [_label(row.label), *(fmt_cell(row.cells[b], row.n_seeds) for b in budgets)]
         if threshold is not None:

@@ -390,7 +390,7 @@ def test_run_job_writes_job_json_and_skips_finished(tmp_path, monkeypatch):
     assert learning.run_job(failed_job, echo=False)["status"] == "failed"
 
     calls = []
-    monkeypatch.setattr(learning, "run_job", lambda job, timeout=None: calls.append(job) or {"status": "ok"})
+    monkeypatch.setattr(learning, "run_job", lambda job, timeout=None, force=False: calls.append(job) or {"status": "ok"})
     outcome = learning.run_jobs([ok_job, failed_job])
     assert outcome["skipped"] == [ok_job]  # finished: skipped
     assert calls == [failed_job] and outcome["ok"] == [failed_job]  # failed: run again
@@ -498,3 +498,13 @@ def test_runs_stopped_by_hand_count_up_to_where_they_got(tmp_path):
     assert row.cells[10_000].n == 2 and row.cells[50_000].n == 1  # the stopped seed counts only where it got
     assert row.threshold_reached == 1
     assert "| 2 (1 stopped early) |" in report.render_env_table(rows)
+
+
+def test_paused_runs_count_up_to_where_they_got(tmp_path):
+    root = tmp_path / "learning"
+    write_job(root, "dqn", "MinAtar/Breakout-v1", 0, 250_000, [25_000, 50_000, 75_000], [1.0, 2.0, 3.0], status="paused")
+    write_job(root, "dqn", "MinAtar/Breakout-v1", 1, 250_000, [25_000], [5.0], status="timeout")  # no checkpoint: failed
+    (row,) = report.aggregate(report.find_runs(root), budgets={"MinAtar/Breakout-v1": [50_000, 250_000]})
+    assert row.n_seeds == 1 and row.n_paused == 1 and row.n_failed == 1
+    assert row.cells == {50_000: report.Cell(2.0, 0.0, 1)}  # 250k: no run got there yet, no column
+    assert "| 1 (1 paused, to be continued) (+1 failed) |" in report.render_env_table([row])
