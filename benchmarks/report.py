@@ -13,7 +13,8 @@ Pipeline (pure functions except the first and the last step):
 4. :func:`plot_env` draws one PNG per env: mean ± std band over seeds for every algorithm, the random policy's mean.
 
 ``std`` is the sample standard deviation over seeds (ddof = 1; 0 for a single seed). Failed runs are listed, never
-averaged. When one seed has several runs (different budgets), the one with the largest budget is used.
+averaged. When one seed has several runs (different budgets), the one that got furthest is used (then a finished one,
+then the larger budget): a longer run still short of a shorter finished one does not hide it.
 
 Usage::
 
@@ -196,8 +197,13 @@ def mean_std(values: Sequence[float]) -> Cell | None:
     return Cell(float(arr.mean()), std, len(arr))
 
 
+def _progress(run: Run) -> tuple[int, bool, int]:
+    return int(run.timesteps.max()) if len(run.timesteps) else -1, run.status == "ok", run.budget or 0
+
+
 def select_runs(runs: Iterable[Run]) -> tuple[dict[tuple[str, str], list[Run]], dict[tuple[str, str], list[Run]]]:
-    """Group by (env, label): usable runs (one per seed, the largest budget) and failed runs."""
+    """Group by (env, label): usable runs (one per seed: the furthest evaluated, then finished, then the largest
+    budget) and failed runs."""
     usable: dict[tuple[str, str], dict[int, Run]] = defaultdict(dict)
     failed: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
@@ -206,7 +212,7 @@ def select_runs(runs: Iterable[Run]) -> tuple[dict[tuple[str, str], list[Run]], 
             failed[key].append(run)
             continue
         best = usable[key].get(run.seed)
-        if best is None or (run.budget or 0, run.status == "ok") > (best.budget or 0, best.status == "ok"):
+        if best is None or _progress(run) > _progress(best):
             usable[key][run.seed] = run
     return {k: [v[s] for s in sorted(v)] for k, v in usable.items()}, dict(failed)
 

@@ -508,3 +508,15 @@ def test_paused_runs_count_up_to_where_they_got(tmp_path):
     assert row.n_seeds == 1 and row.n_paused == 1 and row.n_failed == 1
     assert row.cells == {50_000: report.Cell(2.0, 0.0, 1)}  # 250k: no run got there yet, no column
     assert "| 1 (1 paused, to be continued) (+1 failed) |" in report.render_env_table([row])
+
+
+def test_a_longer_run_replaces_a_shorter_one_only_once_it_got_further(tmp_path):
+    root = tmp_path / "learning"
+    write_job(root, "dqn", "MinAtar/Breakout-v1", 0, 100_000, [50_000, 100_000], [2.0, 4.0])
+    write_job(root, "dqn", "MinAtar/Breakout-v1", 0, 250_000, [25_000, 50_000], [1.0, 3.0], status="paused")
+    (row,) = report.aggregate(report.find_runs(root), budgets={"MinAtar/Breakout-v1": [50_000, 100_000]})
+    assert row.n_seeds == 1 and row.n_paused == 0 and row.cells[100_000].mean == 4.0  # the finished 100k run
+    write_job(root, "dqn", "MinAtar/Breakout-v1", 1, 100_000, [50_000, 100_000], [2.0, 4.0])
+    write_job(root, "dqn", "MinAtar/Breakout-v1", 1, 250_000, [50_000, 125_000], [3.0, 6.0], status="paused")
+    usable, _ = report.select_runs(report.find_runs(root))
+    assert [(r.seed, r.budget) for r in usable[("MinAtar/Breakout-v1", "dqn")]] == [(0, 100_000), (1, 250_000)]
