@@ -307,7 +307,8 @@ def process_running(pid: Any, marker: str) -> bool:
     from sb3_dreamer.common.checkpointing import pid_alive
 
     try:
-        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        return marker in cmdline if cmdline else pid_alive(pid)  # empty: between fork and exec, or exiting
     except FileNotFoundError:
         return not Path("/proc/self").exists() and pid_alive(pid)
     except OSError:
@@ -337,6 +338,16 @@ def resume_point(job: Job) -> Any:
     if run_dir is None:
         return None
     return find_resume_point(run_dir, need_buffer=issubclass(ALGOS[job.algo], OffPolicyAlgorithm))
+
+
+def finish_killed_segment(segment: dict[str, Any], job: Job) -> dict[str, Any]:
+    """A segment of ``job.json`` as it is; one whose harness was killed (it has no end) ended at train.log's last write."""
+    if "end_time" in segment:
+        return segment
+    end = datetime.fromtimestamp((job.dir / "train.log").stat().st_mtime, timezone.utc)
+    wall = max((end - datetime.fromisoformat(segment["start_time"])).total_seconds(), 0.0)
+    return {**segment, "end_time": end.isoformat(timespec="seconds"), "wall_seconds": round(wall, 2), "status": "killed",
+            "note": "the harness was killed; end time from train.log's last write"}  # fmt: skip
 
 
 def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bool = False) -> dict[str, Any]:
@@ -369,7 +380,7 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
         "start_time": (previous or {}).get("start_time", segment["start_time"]),
         "loadavg_start": (previous or {}).get("loadavg_start", segment["loadavg_start"]),
     }  # fmt: skip
-    segments = [*(previous or {}).get("segments", []), segment]
+    segments = [*(finish_killed_segment(s, job) for s in (previous or {}).get("segments", [])), segment]
     if echo:
         how = f"resume from step {point.steps}" if point else "start"
         print(f"[learning] {how} {job.key}: {segment['command']}", flush=True)

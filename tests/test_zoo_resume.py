@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -165,10 +166,19 @@ def test_harness_continues_a_crashed_job_from_its_checkpoint(tmp_path, monkeypat
     first = learning.run_job(job, echo=False)
     assert first["status"] == "failed" and first["returncode"] == 3  # killed at step 250, after the checkpoint at 200
     assert learning.resume_point(job).steps == 200
+    # as if the session had ended: job.json still says "running", its segment has no end, no process is left
+    running = {**first, "status": "running", "pid": 1 << 30, "zoo_pid": 1 << 30, "host": learning.socket.gethostname()}
+    begun = ("start_time", "resumed_from_step", "command")
+    running["segments"] = [{key: value for key, value in first["segments"][0].items() if key in begun}]
+    job.job_file.write_text(json.dumps(running))
+    log_written = os.path.getmtime(job.dir / "train.log")
     outcome = learning.run_jobs([job])
     assert outcome["ok"] == [job]
     record = learning.read_job(job.dir)
-    assert [(s["resumed_from_step"], s["status"]) for s in record["segments"]] == [(None, "failed"), (200, "ok")]
+    assert [(s["resumed_from_step"], s["status"]) for s in record["segments"]] == [(None, "killed"), (200, "ok")]
+    killed = record["segments"][0]
+    started = learning.datetime.fromisoformat(killed["start_time"]).timestamp()
+    assert killed["wall_seconds"] == pytest.approx(log_written - started, abs=1.01)  # up to train.log's last write
     assert record["wall_seconds"] == pytest.approx(sum(s["wall_seconds"] for s in record["segments"]), abs=0.02)
     assert record["start_time"] == first["start_time"] and "--resume" in record["segments"][1]["command"]
     assert "--resume" not in record["command"]  # the job's own command; each segment keeps the one it ran
@@ -181,11 +191,17 @@ def test_harness_continues_a_crashed_job_from_its_checkpoint(tmp_path, monkeypat
     assert learning.run_jobs([job])["skipped"] == [job]  # finished now
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads command lines from /proc")
 def test_harness_skips_a_job_that_is_running_and_knows_dead_ones(tmp_path):
     (job,) = learning.build_jobs(learning.SUITES["cartpole"], results_dir=tmp_path, algos=["dqn"], seeds=[0])
     job.dir.mkdir(parents=True)
     # a process whose command line names the zoo launcher stands in for a job's zoo run
     zoo = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "sb3_dreamer.zoo"])
+    cmdline = Path(f"/proc/{zoo.pid}/cmdline")
+    for _ in range(500):  # until it has exec'd (its command line is empty before)
+        if b"sb3_dreamer.zoo" in cmdline.read_bytes():
+            break
+        time.sleep(0.01)
     try:
         running = dict(status="running", host=socket.gethostname(), pid=1 << 30, zoo_pid=zoo.pid)
         job.job_file.write_text(json.dumps(running))
