@@ -31,8 +31,8 @@ Usage::
     python -m benchmarks.learning --suite cartpole --dry-run         # print the commands only
     python -m benchmarks.learning --suite cartpole --algos dreamerv2 --budget 5000 --eval-freq 500 \\
         --algo-params dreamerv2 learning_starts:500 --tag quick
-    python -m benchmarks.learning --suite minatar --algos dreamerv2 --seeds 0 --budget 250000 --timeout 3000
-        # 50 minutes of it now; the same command later carries on from the newest checkpoint
+    python -m benchmarks.learning --suite minatar --algos dreamerv2 --seeds 0 --budget 250000 --time-budget 3000
+        # 50 minutes of the suite now; the same command later carries on from the newest checkpoints
 """
 
 from __future__ import annotations
@@ -423,10 +423,17 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeout: float | None = None,
-             dry_run: bool = False) -> dict[str, list[Job]]:
+             dry_run: bool = False, time_budget: float | None = None) -> dict[str, list[Job]]:
     """Run the jobs that are not finished yet (continuing paused ones); return them grouped as
-    ``skipped``/``busy``/``ok``/``paused``/``failed``/``planned``."""
-    outcome: dict[str, list[Job]] = {"skipped": [], "busy": [], "ok": [], "paused": [], "failed": [], "planned": []}
+    ``skipped``/``busy``/``ok``/``paused``/``failed``/``deferred``/``planned``.
+
+    :param timeout: seconds per job (per segment of it)
+    :param time_budget: seconds for the whole call: jobs still running then are stopped (paused when they have a
+        checkpoint) and jobs not started yet are ``deferred`` to the next call
+    """
+    outcome: dict[str, list[Job]] = {"skipped": [], "busy": [], "ok": [], "paused": [], "failed": [], "deferred": [],
+                                     "planned": []}  # fmt: skip
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     todo = []
     for job in jobs:
         record = read_job(job.dir)
@@ -446,7 +453,14 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
         return outcome
 
     def one(job: Job) -> tuple[Job, str]:
-        return job, run_job(job, timeout=timeout, force=force)["status"]
+        limit = timeout
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                print(f"[learning] defer {job.key} (the time budget is spent)", flush=True)
+                return job, "deferred"
+            limit = left if limit is None else min(limit, left)
+        return job, run_job(job, timeout=limit, force=force)["status"]
 
     if parallel <= 1:
         results = [one(job) for job in todo]
@@ -454,7 +468,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             results = list(pool.map(one, todo))
     for job, status in results:
-        outcome[status if status in ("ok", "paused") else "failed"].append(job)
+        outcome[status if status in ("ok", "paused", "deferred") else "failed"].append(job)
     return outcome
 
 
@@ -488,6 +502,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", type=int, default=1, help="jobs run at the same time (mind the cores)")
     parser.add_argument("--timeout", type=float,
                         help="seconds per job (per segment) before it is stopped: paused if it has a checkpoint")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds for this whole call: running jobs are then stopped (paused if they have a "
+                        "checkpoint), the rest deferred to the next call (for sessions or device calls of fixed length)")
     parser.add_argument("--checkpoint-freq", type=int,
                         help="env steps between resumable checkpoints (default: the suite's; 0: none)")
     parser.add_argument("--force", action="store_true", help="rerun finished jobs too, and paused ones from scratch")
@@ -513,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.dry_run and not zoo_available():
         print("[learning] sb3_dreamer.zoo is missing: the zoo launcher is needed to run jobs", file=sys.stderr)
         return 2
-    outcome = run_jobs(jobs, parallel=args.parallel, force=args.force, timeout=args.timeout, dry_run=args.dry_run)
+    outcome = run_jobs(jobs, parallel=args.parallel, force=args.force, timeout=args.timeout, dry_run=args.dry_run,
+                       time_budget=args.time_budget)  # fmt: skip
     print(f"[learning] {len(jobs)} jobs: " + ", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v), flush=True)
     return 1 if outcome["failed"] else 0  # paused jobs are not failures: the next run continues them
 

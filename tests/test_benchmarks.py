@@ -520,3 +520,22 @@ def test_a_longer_run_replaces_a_shorter_one_only_once_it_got_further(tmp_path):
     write_job(root, "dqn", "MinAtar/Breakout-v1", 1, 250_000, [50_000, 125_000], [3.0, 6.0], status="paused")
     usable, _ = report.select_runs(report.find_runs(root))
     assert [(r.seed, r.budget) for r in usable[("MinAtar/Breakout-v1", "dqn")]] == [(0, 100_000), (1, 250_000)]
+
+
+def test_time_budget_stops_the_call_and_defers_the_rest(tmp_path, monkeypatch):
+    jobs = learning.build_jobs(learning.SUITES["cartpole"], results_dir=tmp_path, algos=["dqn"], seeds=[0, 1, 2])
+    limits = []
+
+    def fake_run_job(job, timeout=None, force=False):
+        limits.append(timeout)
+        if len(limits) == 2:
+            learning.time.sleep(0.3)  # this one outlasts the budget: the harness would stop it at its limit
+        return {"status": "paused" if len(limits) == 2 else "ok"}
+
+    monkeypatch.setattr(learning, "run_job", fake_run_job)
+    outcome = learning.run_jobs(jobs, timeout=100.0, time_budget=0.25)
+    assert outcome["ok"] == jobs[:1] and outcome["paused"] == jobs[1:2] and outcome["deferred"] == jobs[2:]
+    assert len(limits) == 2 and all(0 < limit <= 0.25 for limit in limits)  # the budget's rest, below --timeout
+    limits.clear()
+    learning.run_jobs(jobs[:1], timeout=100.0)
+    assert limits == [100.0]
