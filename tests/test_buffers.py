@@ -229,6 +229,38 @@ def test_bool_obs_and_multidiscrete_actions():
     assert th.equal(samples.actions[:, 1], th.tensor([[2.0, 3.0]] * 3))
 
 
+def test_pickles_hold_only_the_rows_written(tmp_path):
+    image = spaces.Box(0, 255, (8, 8, 3), np.uint8)
+    buf = SequenceReplayBuffer(1000, image, spaces.Discrete(3), n_envs=2, sequence_length=4, seed=3)
+    rng = np.random.default_rng(0)
+    obs = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    for step in range(60):
+        next_obs = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+        done = np.array([step % 17 == 16, False])
+        buf.add(obs, next_obs, np.array([step % 3, 1]), np.ones(2), done, [{}, {}])
+        obs = np.where(done[:, None, None, None], rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8), next_obs)
+    assert buf.env_pos.tolist() == [64, 61] and buf._written_rows() == 64  # 60 steps + the first row of each episode
+    path = tmp_path / "partial.pkl"
+    save_to_pkl(path, buf)
+    full_size = buf.nbytes()  # 500 rows x 2 envs allocated
+    assert path.stat().st_size < 0.2 * full_size  # 64 of 500 rows, plus pickle overhead
+    loaded = load_from_pkl(path)
+    assert loaded.observations.shape == buf.observations.shape and loaded.nbytes() == full_size
+    for name in ("observations", "actions", "rewards", "is_first", "is_terminal", "is_last"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(buf, name))  # the unwritten rows are zeros again
+    for field_a, field_b in zip(buf.sample(8), loaded.sample(8), strict=True):
+        assert th.equal(field_a, field_b)
+    for step in range(500):  # past the end: env 0 wraps around, and then the whole capacity is pickled
+        obs = np.full((2, 8, 8, 3), step % 256, np.uint8)
+        buf.add(obs, obs, np.array([0, 0]), np.zeros(2), np.array([False, False]), [{}, {}])
+    assert buf.env_full.all() and buf._written_rows() == buf.rows
+    save_to_pkl(path, buf)
+    assert path.stat().st_size > full_size
+    wrapped = load_from_pkl(path)
+    np.testing.assert_array_equal(wrapped.observations, buf.observations)
+    np.testing.assert_array_equal(wrapped.env_pos, buf.env_pos)
+
+
 def test_save_load_round_trip(tmp_path):
     buf = SequenceReplayBuffer(40, SCALAR_OBS, spaces.Discrete(2), n_envs=2, sequence_length=4, seed=11)
     empty_path = tmp_path / "empty.pkl"
