@@ -111,6 +111,10 @@ class RollingCheckpointCallback(CheckpointCallback):
 
     def _on_training_end(self) -> None:
         # The end of a finished run too, so that a later --resume with a larger -n extends it without repeating steps.
+        # Not after an interruption: rl-zoo3 calls on_training_end after a KeyboardInterrupt, which can have stopped a
+        # gradient step halfway (the newest checkpoint stays the resume point).
+        if self.model.num_timesteps < self.model._total_timesteps:
+            return
         saved = list_checkpoints(pathlib.Path(self.save_path), need_buffer=False)
         if not saved or saved[-1].steps != self.num_timesteps:
             self.save_checkpoint()

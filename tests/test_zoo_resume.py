@@ -75,6 +75,26 @@ def test_rolling_checkpoints_keep_the_newest_complete_ones(tmp_path):
         RollingCheckpointCallback(50, str(tmp_path), keep=0)
 
 
+class InterruptAt(BaseCallback):
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps == self.step:
+            raise KeyboardInterrupt
+        return True
+
+
+def test_no_checkpoint_at_the_end_of_an_interrupted_run(tmp_path):
+    model = cartpole_dqn()
+    checkpoints = RollingCheckpointCallback(50, str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        model.learn(300, callback=[checkpoints, InterruptAt(120)])
+    checkpoints.on_training_end()  # as rl-zoo3 does after catching the interruption
+    assert [c.steps for c in list_checkpoints(tmp_path, need_buffer=True)] == [100]
+
+
 def test_a_checkpoint_without_its_replay_buffer_is_incomplete(tmp_path):
     model = cartpole_dqn()
     model.learn(100, callback=RollingCheckpointCallback(100, str(tmp_path)))
