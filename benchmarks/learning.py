@@ -518,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_suites:
         for suite in SUITES.values():
             print(f"{suite.name}: envs={list(suite.envs)} algos={list(suite.algos)} seeds={list(suite.seeds)} "
-                  f"budget={fmt_steps(suite.budget)} eval_freq={fmt_steps(suite.eval_freq)}\n  {suite.notes}")
+                  f"budget={fmt_steps(suite.budget)} eval_freq={fmt_steps(suite.eval_freq)} "
+                  f"checkpoint_freq={fmt_steps(suite.checkpoint_freq) if suite.checkpoint_freq else None}\n  {suite.notes}")
         return 0
     suite = SUITES[args.suite]
     jobs = build_jobs(
