@@ -3,7 +3,8 @@
 Pipeline (pure functions except the first and the last step):
 
 1. :func:`find_runs` reads every job folder under ``benchmarks/results/learning/<algo>/<env>/seed<k>_<budget>[_tag]/``:
-   its ``job.json`` (absent while a job runs) and the zoo's ``<algo>/<EnvName>_<n>/evaluations.npz``.
+   its ``job.json`` (``running`` while a job runs, ``paused`` when it stopped with a checkpoint to continue from) and
+   the zoo's ``<algo>/<EnvName>_<n>/evaluations.npz``.
 2. :func:`aggregate` turns runs into table rows: per (env, algo[, tag]) and fixed budget, the mean ± std over seeds of
    the evaluation return (mean over the evaluation's episodes) of the **last evaluation at or before the budget**
    (nothing is interpolated; a seed counts at a budget only if its run got that far), steps-to-threshold where a
