@@ -258,11 +258,6 @@ def read_job(job_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_finished(job: Job) -> bool:
-    record = read_job(job.dir)
-    return record is not None and record.get("status") == "ok"
-
-
 def build_jobs(
     suite: Suite,
     results_dir: Path = LEARNING_DIR,
@@ -328,16 +323,13 @@ def resume_point(job: Job) -> Any:
         return None
     from huggingface_sb3 import EnvironmentName
     from rl_zoo3.utils import ALGOS
-    from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
     from sb3_dreamer.zoo import register
-    from sb3_dreamer.zoo_resume import find_resume_point, latest_run_dir
+    from sb3_dreamer.zoo_resume import newest_resume_point
 
     register()
-    run_dir = latest_run_dir(job.run_folder, f"{EnvironmentName(job.env)}")
-    if run_dir is None:
-        return None
-    return find_resume_point(run_dir, need_buffer=issubclass(ALGOS[job.algo], OffPolicyAlgorithm))
+    found = newest_resume_point(job.run_folder, f"{EnvironmentName(job.env)}", ALGOS[job.algo])
+    return None if found is None else found[1]
 
 
 def finish_killed_segment(segment: dict[str, Any], job: Job) -> dict[str, Any]:

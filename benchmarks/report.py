@@ -54,6 +54,8 @@ ALGO_LABELS = {"dreamerv2": "DreamerV2", "dqn": "DQN", "dreamerv3": "DreamerV3"}
 
 # ---------------------------------------------------------------------------------------------------------- data
 PARTIAL_OK = ("ok", "running", "stopped", "paused")  # statuses whose evaluations count (up to where the run got)
+
+
 @dataclasses.dataclass
 class Run:
     """One job: evaluation curve (env steps, mean evaluation return) and its status."""

@@ -21,10 +21,8 @@ cut in its replay buffer, see docs/resume.md), the ``t`` (wall time) column of t
 at 0) and, for algorithms other than DreamerV2, the RNG states (the zoo's ``--seed`` applies again).
 """
 
-import dataclasses
 import os
 import pathlib
-import re
 from typing import Any
 
 import numpy as np
@@ -34,54 +32,10 @@ from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
-from sb3_dreamer.common.checkpointing import atomic_write
+from sb3_dreamer.common.checkpointing import Checkpoint, atomic_write, checkpoint_files, list_checkpoints
 
 CHECKPOINT_DIR = "checkpoints"
 NAME_PREFIX = "rl_model"
-_STEPS_RE = re.compile(rf"^{NAME_PREFIX}_(\d+)_steps\.zip$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """The files of one complete checkpoint written by :class:`RollingCheckpointCallback`."""
-
-    steps: int
-    model: pathlib.Path
-    replay_buffer: pathlib.Path | None
-    vecnormalize: pathlib.Path | None
-
-    @property
-    def files(self) -> list[pathlib.Path]:
-        return [path for path in (self.model, self.replay_buffer, self.vecnormalize) if path is not None]
-
-
-def checkpoint_files(folder: pathlib.Path, steps: int) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-    """(model zip, replay buffer pkl, VecNormalize pkl) of the checkpoint at ``steps`` (SB3's CheckpointCallback names)."""
-    return (
-        folder / f"{NAME_PREFIX}_{steps}_steps.zip",
-        folder / f"{NAME_PREFIX}_replay_buffer_{steps}_steps.pkl",
-        folder / f"{NAME_PREFIX}_vecnormalize_{steps}_steps.pkl",
-    )
-
-
-def list_checkpoints(folder: str | pathlib.Path, need_buffer: bool) -> list[Checkpoint]:
-    """The complete checkpoints in ``folder``, oldest first.
-
-    A checkpoint is complete when its model zip exists and, if ``need_buffer``, its replay buffer too (the files are
-    written atomically, model last, so a run killed while saving leaves at most an incomplete newest checkpoint).
-    """
-    folder = pathlib.Path(folder)
-    found = []
-    for path in folder.glob(f"{NAME_PREFIX}_*_steps.zip"):
-        match = _STEPS_RE.match(path.name)
-        if match is None:
-            continue
-        steps = int(match.group(1))
-        model, buffer, stats = checkpoint_files(folder, steps)
-        if need_buffer and not buffer.is_file():
-            continue
-        found.append(Checkpoint(steps, model, buffer if buffer.is_file() else None, stats if stats.is_file() else None))
-    return sorted(found, key=lambda checkpoint: checkpoint.steps)
 
 
 class RollingCheckpointCallback(CheckpointCallback):
@@ -115,14 +69,14 @@ class RollingCheckpointCallback(CheckpointCallback):
         # gradient step halfway (the newest checkpoint stays the resume point).
         if self.model.num_timesteps < self.model._total_timesteps:
             return
-        saved = list_checkpoints(pathlib.Path(self.save_path), need_buffer=False)
+        saved = list_checkpoints(self.save_path, require_buffer=False, name_prefix=self.name_prefix)
         if not saved or saved[-1].steps != self.num_timesteps:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Checkpoint:
         """Write the checkpoint of the current step, then delete the old ones; return the new one."""
         folder = pathlib.Path(self.save_path)
-        model_path, buffer_path, stats_path = checkpoint_files(folder, self.num_timesteps)
+        model_path, buffer_path, stats_path = checkpoint_files(folder, self.num_timesteps, self.name_prefix)
         vec_normalize = self.model.get_vec_normalize_env()
         if vec_normalize is not None:
             atomic_write(stats_path, vec_normalize.save, suffix="pkl")
@@ -132,7 +86,7 @@ class RollingCheckpointCallback(CheckpointCallback):
         atomic_write(model_path, self.model.save, suffix="zip")  # last: its presence marks the checkpoint complete
         if self.verbose >= 1:
             print(f"Saving checkpoint to {model_path}")
-        for old in list_checkpoints(folder, need_buffer=has_buffer)[: -self.keep]:
+        for old in list_checkpoints(folder, require_buffer=has_buffer, name_prefix=self.name_prefix)[: -self.keep]:
             for path in old.files:
                 path.unlink(missing_ok=True)
         return Checkpoint(self.num_timesteps, model_path, buffer_path if has_buffer else None,
@@ -141,7 +95,7 @@ class RollingCheckpointCallback(CheckpointCallback):
 
 def find_resume_point(run_dir: str | pathlib.Path, need_buffer: bool) -> Checkpoint | None:
     """The newest complete checkpoint of the run folder ``run_dir``, or None."""
-    checkpoints = list_checkpoints(pathlib.Path(run_dir) / CHECKPOINT_DIR, need_buffer)
+    checkpoints = list_checkpoints(pathlib.Path(run_dir) / CHECKPOINT_DIR, require_buffer=need_buffer)
     return checkpoints[-1] if checkpoints else None
 
 
@@ -153,6 +107,15 @@ def latest_run_dir(log_path: str | pathlib.Path, env_name: str) -> pathlib.Path 
         if path.is_dir() and suffix.isdigit():
             runs.append((int(suffix), path))
     return max(runs)[1] if runs else None
+
+
+def newest_resume_point(log_path: str | pathlib.Path, env_name: str,
+                        algo_class: type[BaseAlgorithm]) -> tuple[pathlib.Path, Checkpoint] | None:
+    """The zoo's newest run folder of ``env_name`` under ``log_path`` and the checkpoint ``--resume`` continues it from
+    (for off-policy algorithms, one with its replay buffer), or None."""
+    run_dir = latest_run_dir(log_path, env_name)
+    point = None if run_dir is None else find_resume_point(run_dir, issubclass(algo_class, OffPolicyAlgorithm))
+    return None if point is None else (run_dir, point)
 
 
 def restore_evaluations(callback: EvalCallback, up_to_step: int) -> int:
@@ -204,8 +167,8 @@ def resumable_experiment_manager(checkpoint_freq: int = 0, keep_checkpoints: int
                                  resume: bool = False) -> type[ExperimentManager]:
     """An ``ExperimentManager`` subclass with the launcher's ``--checkpoint-freq``/``--keep-checkpoints``/``--resume``.
 
-    rl-zoo3's ``train()`` builds its manager with a fixed signature, so the options are class attributes of the
-    returned subclass.
+    rl-zoo3's ``train()`` builds its manager with a fixed signature, so the returned subclass reads the options from
+    this function's arguments.
     """
     if checkpoint_freq < 0:
         raise ValueError(f"--checkpoint-freq must be >= 0, got {checkpoint_freq}")
@@ -218,29 +181,22 @@ def resumable_experiment_manager(checkpoint_freq: int = 0, keep_checkpoints: int
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.resume_point: Checkpoint | None = None
-            if resume and self.optimize_hyperparameters:
-                raise ValueError("--resume continues a training run; it does not apply to -optimize")
             if not resume:
                 return
-            run_dir = latest_run_dir(self.log_path, f"{self.env_name}")
-            need_buffer = issubclass(self._algo_class, OffPolicyAlgorithm)
-            point = find_resume_point(run_dir, need_buffer) if run_dir is not None else None
-            if point is None:
+            from rl_zoo3.utils import ALGOS
+
+            found = newest_resume_point(self.log_path, f"{self.env_name}", ALGOS[self.algo])
+            if found is None:
                 print(f"--resume: no checkpoint under {self.log_path}{self.env_name}_<k>/{CHECKPOINT_DIR}, "
                       f"starting a new run in {self.save_path}")  # fmt: skip
                 return
+            run_dir, point = found
             self.resume_point = point
             self.save_path = str(run_dir)
             self.params_path = f"{self.save_path}/{self.env_name}"
             self.trained_agent = str(point.model)
             self.continue_training = True
             print(f"Resuming {self.save_path} from its checkpoint at {point.steps} steps ({point.model.name})")
-
-        @property
-        def _algo_class(self) -> type[BaseAlgorithm]:
-            from rl_zoo3.utils import ALGOS
-
-            return ALGOS[self.algo]
 
         def create_callbacks(self) -> None:
             super().create_callbacks()

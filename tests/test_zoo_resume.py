@@ -68,7 +68,7 @@ def test_rolling_checkpoints_keep_the_newest_complete_ones(tmp_path):
         "rl_model_replay_buffer_200_steps.pkl", "rl_model_replay_buffer_220_steps.pkl",
     ]  # fmt: skip  (no temporary files left, no VecNormalize file without VecNormalize)
     assert find_resume_point(tmp_path, need_buffer=True) is None  # a run folder's checkpoints are in checkpoints/
-    (point,) = list_checkpoints(tmp_path, need_buffer=True)[-1:]
+    (point,) = list_checkpoints(tmp_path, require_buffer=True)[-1:]
     assert point.steps == 220 and DQN.load(point.model).num_timesteps == 220
     assert load_from_pkl(point.replay_buffer).size() == 220
     with pytest.raises(ValueError, match="keep"):
@@ -92,7 +92,7 @@ def test_no_checkpoint_at_the_end_of_an_interrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         model.learn(300, callback=[checkpoints, InterruptAt(120)])
     checkpoints.on_training_end()  # as rl-zoo3 does after catching the interruption
-    assert [c.steps for c in list_checkpoints(tmp_path, need_buffer=True)] == [100]
+    assert [c.steps for c in list_checkpoints(tmp_path, require_buffer=True)] == [100]
 
 
 def test_a_checkpoint_without_its_replay_buffer_is_incomplete(tmp_path):
@@ -100,10 +100,10 @@ def test_a_checkpoint_without_its_replay_buffer_is_incomplete(tmp_path):
     model.learn(100, callback=RollingCheckpointCallback(100, str(tmp_path)))
     zip_300, _, _ = checkpoint_files(tmp_path, 300)
     zip_300.write_bytes((tmp_path / "rl_model_100_steps.zip").read_bytes())  # a model whose buffer was never written
-    assert [c.steps for c in list_checkpoints(tmp_path, need_buffer=True)] == [100]
-    assert [c.steps for c in list_checkpoints(tmp_path, need_buffer=False)] == [100, 300]
+    assert [c.steps for c in list_checkpoints(tmp_path, require_buffer=True)] == [100]
+    assert [c.steps for c in list_checkpoints(tmp_path, require_buffer=False)] == [100, 300]
     (tmp_path / "rl_model_x_steps.zip").write_bytes(b"")  # not a checkpoint name
-    assert len(list_checkpoints(tmp_path, need_buffer=False)) == 2
+    assert len(list_checkpoints(tmp_path, require_buffer=False)) == 2
 
 
 def test_restore_evaluations_keeps_the_history_up_to_the_checkpoint(tmp_path):

@@ -15,6 +15,7 @@ then ``os.replace``-d over the destination, so an interrupted save leaves the pr
 """
 
 import copy
+import dataclasses
 import glob
 import io
 import json
@@ -22,6 +23,7 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -349,28 +351,61 @@ def load_sequence_buffer(path: PathLike, model: "DreamerV2", buffer_class: type)
 
 
 # ---------------------------------------------------------------------------------------------------- finding checkpoints
-def latest_checkpoint(save_path: str | pathlib.Path, name_prefix: str = "rl_model",
-                      require_buffer: bool = True) -> tuple[pathlib.Path, pathlib.Path | None] | None:
-    """The newest complete checkpoint written by ``CheckpointCallback(save_path, name_prefix=...)``.
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """The files of one checkpoint written by SB3's ``CheckpointCallback`` (or the zoo launcher's rolling one)."""
+
+    steps: int
+    model: pathlib.Path
+    replay_buffer: pathlib.Path | None
+    vecnormalize: pathlib.Path | None
+
+    @property
+    def files(self) -> list[pathlib.Path]:
+        return [path for path in (self.model, self.replay_buffer, self.vecnormalize) if path is not None]
+
+
+def checkpoint_files(folder: pathlib.Path, steps: int,
+                     name_prefix: str = "rl_model") -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """(model zip, replay buffer pkl, VecNormalize pkl) of the checkpoint at ``steps`` (SB3's CheckpointCallback names)."""
+    return (
+        folder / f"{name_prefix}_{steps}_steps.zip",
+        folder / f"{name_prefix}_replay_buffer_{steps}_steps.pkl",
+        folder / f"{name_prefix}_vecnormalize_{steps}_steps.pkl",
+    )
+
+
+def list_checkpoints(save_path: str | pathlib.Path, require_buffer: bool = True,
+                     name_prefix: str = "rl_model") -> list[Checkpoint]:
+    """The complete checkpoints written by ``CheckpointCallback(save_path, name_prefix=...)``, oldest first.
 
     ``CheckpointCallback`` writes ``<prefix>_<steps>_steps.zip`` and then ``<prefix>_replay_buffer_<steps>_steps.pkl``;
     a run killed between the two leaves a model without its buffer, so by default only steps with both files count.
 
     :param save_path: the callback's folder
-    :param name_prefix: the callback's ``name_prefix``
     :param require_buffer: skip checkpoints whose replay buffer file is missing
-    :return: ``(model zip, replay buffer pkl or None)``, or None if there is no checkpoint
+    :param name_prefix: the callback's ``name_prefix``
     """
     folder = pathlib.Path(save_path)
+    pattern = re.compile(rf"^{re.escape(name_prefix)}_(\d+)_steps\.zip$")
     found = []
     for path in folder.glob(f"{glob.escape(name_prefix)}_*_steps.zip"):
-        steps_text = path.name[len(name_prefix) + 1 : -len("_steps.zip")]
-        if not steps_text.isdigit():
+        match = pattern.match(path.name)
+        if match is None:
             continue
-        buffer = folder / f"{name_prefix}_replay_buffer_{steps_text}_steps.pkl"
-        if buffer.is_file() or not require_buffer:
-            found.append((int(steps_text), path, buffer if buffer.is_file() else None))
-    if not found:
-        return None
-    _, model_path, buffer_path = max(found, key=lambda item: item[0])
-    return model_path, buffer_path
+        steps = int(match.group(1))
+        model, buffer, stats = checkpoint_files(folder, steps, name_prefix)
+        if require_buffer and not buffer.is_file():
+            continue
+        found.append(Checkpoint(steps, model, buffer if buffer.is_file() else None, stats if stats.is_file() else None))
+    return sorted(found, key=lambda checkpoint: checkpoint.steps)
+
+
+def latest_checkpoint(save_path: str | pathlib.Path, name_prefix: str = "rl_model",
+                      require_buffer: bool = True) -> tuple[pathlib.Path, pathlib.Path | None] | None:
+    """The newest complete checkpoint of :func:`list_checkpoints`.
+
+    :return: ``(model zip, replay buffer pkl or None)``, or None if there is no checkpoint
+    """
+    found = list_checkpoints(save_path, require_buffer, name_prefix)
+    return (found[-1].model, found[-1].replay_buffer) if found else None
