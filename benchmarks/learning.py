@@ -46,6 +46,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,16 @@ DREAMER_ATARI_PROTOCOL = (
     "env_kwargs:dict(frameskip=1, repeat_action_probability=0.0, max_num_frames_per_episode=108_000)",
 )
 
+
+_SAY_LOCK = threading.Lock()
+
+
+def say(message: str) -> None:
+    """Print one progress line whole: parallel jobs report from worker threads, and ``print`` writes the text and its
+    newline separately, so two lines could run together."""
+    with _SAY_LOCK:
+        sys.stdout.write(f"[learning] {message}\n")
+        sys.stdout.flush()
 
 def zoo_dqn_conf_file() -> str:
     """rl-zoo3's own packaged ``dqn.yml`` (its tuned hyperparameters, e.g. CartPole-v1 at 50k steps)."""
@@ -375,7 +386,7 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
     segments = [*(finish_killed_segment(s, job) for s in (previous or {}).get("segments", [])), segment]
     if echo:
         how = f"resume from step {point.steps}" if point else "start"
-        print(f"[learning] {how} {job.key}: {segment['command']}", flush=True)
+        say(f"{how} {job.key}: {segment['command']}")
     t0 = time.perf_counter()
     status, returncode = "ok", None
     with open(job.dir / "train.log", "a" if point else "w") as log:
@@ -408,7 +419,7 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
         record["warning"] = "the zoo run ended without evaluations.npz (budget below --eval-freq?)"
     atomic_write_json(job.job_file, record)
     if echo:
-        print(f"[learning] {status} {job.key} in {segment['wall_seconds']:.0f} s (log: {job.dir / 'train.log'})", flush=True)
+        say(f"{status} {job.key} in {segment['wall_seconds']:.0f} s (log: {job.dir / 'train.log'})")
     if segment.get("stopped_by") == "interrupted" or status == "interrupted":
         raise KeyboardInterrupt
     return record
@@ -431,11 +442,10 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
         record = read_job(job.dir)
         if is_alive(record):
             outcome["busy"].append(job)
-            print(f"[learning] skip {job.key} (running now: pid {record.get('pid')}, zoo pid {record.get('zoo_pid')})",
-                  flush=True)  # fmt: skip
+            say(f"skip {job.key} (running now: pid {record.get('pid')}, zoo pid {record.get('zoo_pid')})")
         elif not force and record is not None and record.get("status") == "ok":
             outcome["skipped"].append(job)
-            print(f"[learning] skip {job.key} (finished: {job.job_file})", flush=True)
+            say(f"skip {job.key} (finished: {job.job_file})")
         else:
             todo.append(job)
     if dry_run:
@@ -449,7 +459,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                print(f"[learning] defer {job.key} (the time budget is spent)", flush=True)
+                say(f"defer {job.key} (the time budget is spent)")
                 return job, "deferred"
             limit = left if limit is None else min(limit, left)
         return job, run_job(job, timeout=limit, force=force)["status"]
@@ -525,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     outcome = run_jobs(jobs, parallel=args.parallel, force=args.force, timeout=args.timeout, dry_run=args.dry_run,
                        time_budget=args.time_budget)  # fmt: skip
-    print(f"[learning] {len(jobs)} jobs: " + ", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v), flush=True)
+    say(f"{len(jobs)} jobs: " + ", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v))
     return 1 if outcome["failed"] else 0  # paused jobs are not failures: the next run continues them
 
 
