@@ -86,6 +86,7 @@ def say(message: str) -> None:
         sys.stdout.write(f"[learning] {message}\n")
         sys.stdout.flush()
 
+
 def zoo_dqn_conf_file() -> str:
     """rl-zoo3's own packaged ``dqn.yml`` (its tuned hyperparameters, e.g. CartPole-v1 at 50k steps)."""
     import rl_zoo3
