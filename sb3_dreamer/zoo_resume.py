@@ -93,9 +93,9 @@ class RollingCheckpointCallback(CheckpointCallback):
                           stats_path if vec_normalize is not None else None)  # fmt: skip
 
 
-def find_resume_point(run_dir: str | pathlib.Path, need_buffer: bool) -> Checkpoint | None:
+def find_resume_point(run_dir: str | pathlib.Path, require_buffer: bool) -> Checkpoint | None:
     """The newest complete checkpoint of the run folder ``run_dir``, or None."""
-    checkpoints = list_checkpoints(pathlib.Path(run_dir) / CHECKPOINT_DIR, require_buffer=need_buffer)
+    checkpoints = list_checkpoints(pathlib.Path(run_dir) / CHECKPOINT_DIR, require_buffer=require_buffer)
     return checkpoints[-1] if checkpoints else None
 
 

@@ -67,7 +67,7 @@ def test_rolling_checkpoints_keep_the_newest_complete_ones(tmp_path):
         "rl_model_200_steps.zip", "rl_model_220_steps.zip",
         "rl_model_replay_buffer_200_steps.pkl", "rl_model_replay_buffer_220_steps.pkl",
     ]  # fmt: skip  (no temporary files left, no VecNormalize file without VecNormalize)
-    assert find_resume_point(tmp_path, need_buffer=True) is None  # a run folder's checkpoints are in checkpoints/
+    assert find_resume_point(tmp_path, require_buffer=True) is None  # a run folder's checkpoints are in checkpoints/
     (point,) = list_checkpoints(tmp_path, require_buffer=True)[-1:]
     assert point.steps == 220 and DQN.load(point.model).num_timesteps == 220
     assert load_from_pkl(point.replay_buffer).size() == 220
