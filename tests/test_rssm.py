@@ -293,6 +293,35 @@ class TestNetworks:
         decoder = networks.ConvDecoder(16, ConvEncoder((1, 64, 64), depth=4), channels=1)
         assert type(decoder.net[-1]) is networks.PhaseConvTranspose2d  # the official decoder's last layer
 
+    def test_blocked_linear_is_the_same_layer_and_blocks_only_single_rows(self, monkeypatch):
+        th.manual_seed(0)
+        reference = th.nn.Linear(12, 8).double()
+        blocked = networks.BlockedLinear(12, 8).double()
+        blocked.load_state_dict(reference.state_dict())  # same parameters, same state dict keys
+        calls = []
+        original = th.baddbmm
+        monkeypatch.setattr(th, "baddbmm", lambda *args: calls.append(args[1].shape) or original(*args))
+        for shape, blocked_path in [((1, 12), True), ((12,), True), ((1, 1, 12), True), ((3, 12), False)]:
+            calls.clear()
+            got = assert_same_layer(reference, blocked, th.randn(shape, dtype=th.float64))
+            assert got.shape == (*shape[:-1], 8)
+            assert calls == ([(networks.ROW_BLOCKS, 2, 12)] if blocked_path else [])  # 4 blocks of 2 output rows
+            reference.zero_grad(), blocked.zero_grad()
+        no_bias = networks.BlockedLinear(12, 8, bias=False).double()
+        x = th.randn(1, 12, dtype=th.float64)
+        th.testing.assert_close(no_bias(x), x @ no_bias.weight.t())
+        with pytest.raises(ValueError, match="divisible by 4"):
+            networks.BlockedLinear(12, 6)
+
+    def test_dense_layer_blocks_only_weights_beyond_the_cache(self):
+        assert type(networks.dense_layer(1024, 512)) is networks.BlockedLinear  # 2**19 weights
+        assert type(networks.dense_layer(1024, 511)) is th.nn.Linear  # rows not divisible into blocks
+        assert type(networks.dense_layer(400, 400)) is th.nn.Linear  # fits in the cache: the plain layer is faster
+        atari = RSSM(action_dim=6, embed_dim=1536, deter_size=600, hidden_size=600, stoch_size=32, classes=32)
+        assert type(atari.cell.linear) is networks.BlockedLinear and type(atari.obs_out[0]) is networks.BlockedLinear
+        small = RSSM(action_dim=6, embed_dim=64, deter_size=200, hidden_size=200, stoch_size=32, classes=32)
+        assert type(small.cell.linear) is th.nn.Linear
+
     def test_small_batches_use_the_native_cpu_convolution_with_the_same_result(self, monkeypatch):
         th.manual_seed(0)
         encoder = ConvEncoder((1, 64, 64), depth=8)

@@ -21,7 +21,7 @@ from torch.distributions import Independent, Normal, OneHotCategoricalStraightTh
 from torch.nn import functional as F
 
 from sb3_dreamer.common.distributions import argmax_onehot, straight_through_onehot
-from sb3_dreamer.common.networks import MLP, OneHotPrefix
+from sb3_dreamer.common.networks import MLP, OneHotPrefix, dense_layer
 from sb3_dreamer.common.type_aliases import RSSMState
 
 
@@ -35,7 +35,7 @@ class LayerNormGRUCell(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, layer_norm: bool = True) -> None:
         super().__init__()
-        self.linear = nn.Linear(input_size + hidden_size, 3 * hidden_size, bias=not layer_norm)
+        self.linear = dense_layer(input_size + hidden_size, 3 * hidden_size, bias=not layer_norm)
         self.norm = nn.LayerNorm(3 * hidden_size) if layer_norm else nn.Identity()
 
     def forward(self, x: th.Tensor, h: th.Tensor) -> th.Tensor:
@@ -76,11 +76,11 @@ class RSSM(nn.Module):
         self.discrete = classes > 0
         self.stoch_dim = stoch_size * classes if self.discrete else stoch_size
         stats_dim = stoch_size * classes if self.discrete else 2 * stoch_size
-        self.img_in = MLP(nn.Linear(self.stoch_dim + action_dim, hidden_size), nn.ELU())  # input [z_{t-1}, a_{t-1}]
+        self.img_in = MLP(dense_layer(self.stoch_dim + action_dim, hidden_size), nn.ELU())  # input [z_{t-1}, a_{t-1}]
         self.cell = LayerNormGRUCell(hidden_size, deter_size, layer_norm)
-        self.img_out = nn.Sequential(nn.Linear(deter_size, hidden_size), nn.ELU(), nn.Linear(hidden_size, stats_dim))
+        self.img_out = nn.Sequential(dense_layer(deter_size, hidden_size), nn.ELU(), dense_layer(hidden_size, stats_dim))
         self.obs_out = nn.Sequential(
-            nn.Linear(deter_size + embed_dim, hidden_size), nn.ELU(), nn.Linear(hidden_size, stats_dim)
+            dense_layer(deter_size + embed_dim, hidden_size), nn.ELU(), dense_layer(hidden_size, stats_dim)
         )
 
     def initial(self, batch_size: int, device: th.device) -> RSSMState:
