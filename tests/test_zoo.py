@@ -330,7 +330,9 @@ def test_two_workers_postgres(tmp_path, postgres_url):
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-6000:]
     trials = optuna.load_study(study_name="s", storage=postgres_url).trials
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    # The cap is checked after each trial and is not atomic with the start of the next one (rl-zoo3's
+    # MaxTrialsCallback), so two workers finishing at the same moment can each start one: at most workers - 1 extra.
+    assert sorted(t.number for t in trials) in ([0, 1, 2, 3], [0, 1, 2, 3, 4])
     assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     assert all("Trial" in output for output in outputs)  # both workers ran trials
 
