@@ -452,6 +452,56 @@ def render_head_to_head(comparisons: Sequence[Comparison], random: Mapping[str, 
     return "\n".join(lines).rstrip()
 
 
+def _game(env: str) -> str:
+    """``MinAtar/SpaceInvaders-v1`` -> ``SpaceInvaders``."""
+    return re.sub(r"-v\d+$", "", env.rpartition("/")[2])
+
+
+def fmt_grid_cell(cell: Cell, n_expected: int) -> str:
+    """``mean ± std``, ``mean ± std (k seeds)`` when fewer than ``n_expected`` seeds count, ``mean (1 seed)``."""
+    if cell.n == 1 and n_expected > 1:
+        return f"{_fmt_value(cell.mean)} (1 seed)"
+    text = f"{_fmt_value(cell.mean)} ± {_fmt_value(cell.std)}"
+    return text + (f" ({cell.n} seeds)" if cell.n < n_expected else "")
+
+
+def render_suite_grid(rows: Sequence[Row], suite_name: str, algos: tuple[str, str] = ("dreamerv2", "dqn")) -> str:
+    """One line per game of the suite: both algorithms (untagged runs) side by side at each report budget that some
+    game reached, the higher mean in bold, and a last line counting the games the first one is ahead on.
+
+    This is the compact table the README shows; ``tests/test_benchmarks.py`` checks that the README holds the one
+    generated from the committed results.
+    """
+    suite = SUITES[suite_name]
+    by_key = {(row.env, row.label): row for row in rows}
+    budgets = [b for b in suite.report_budgets
+               if any(by_key.get((env, algo)) and by_key[(env, algo)].cells.get(b) for env in suite.envs for algo in algos)]
+    if not budgets:
+        return ""
+    names = [_label(algo) for algo in algos]
+    header = ["game"] + [f"{name} @ {fmt_steps(b)}" for b in budgets for name in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    wins = {b: [0, 0] for b in budgets}  # budget -> [games the first algorithm is ahead on, games measured by both]
+    for env in suite.envs:
+        if not any(by_key.get((env, algo)) for algo in algos):
+            continue
+        cells: list[str] = []
+        for b in budgets:
+            pair = [by_key[(env, algo)].cells.get(b) if (env, algo) in by_key else None for algo in algos]
+            texts = ["—" if c is None else fmt_grid_cell(c, len(suite.seeds)) for c in pair]
+            if pair[0] is not None and pair[1] is not None:
+                wins[b][1] += 1
+                wins[b][0] += pair[0].mean > pair[1].mean
+                if pair[0].mean != pair[1].mean:
+                    best = 0 if pair[0].mean > pair[1].mean else 1
+                    texts[best] = f"**{texts[best]}**"
+            cells += texts
+        lines.append(f"| {_game(env)} | " + " | ".join(cells) + " |")
+    counts = [f"{wins[b][0]} of {wins[b][1]}" if wins[b][1] else "—" for b in budgets]
+    lines.append(f"| {names[0]} ahead on | " + " | ".join(part for c in counts for part in (c, "")) + " |")
+    return "\n".join(lines)
+
+
 def _label(label: str) -> str:
     algo, _, rest = label.partition(" ")
     return ALGO_LABELS.get(algo, algo) + (f" {rest}" if rest else "")
@@ -576,6 +626,12 @@ def render_markdown(
         by_env[row.env].append(row)
     if not by_env:
         out += ["No results yet: run `python -m benchmarks.learning --suite cartpole` first.", ""]
+    for suite in SUITES.values():
+        grid = render_suite_grid(rows, suite.name) if len(suite.envs) > 1 else ""
+        if grid:
+            out += [f"## {suite.name} at a glance", "",
+                    f"Untagged runs, mean ± std over the suite's {len(suite.seeds)} seeds unless the cell says otherwise; "
+                    "bold: the higher mean. The README shows this table.", "", grid, ""]
     comparison = render_head_to_head(head_to_head(rows, usable), random, _above_random(rows, random))
     if comparison:
         out += ["## DreamerV2 vs DQN", "",

@@ -264,6 +264,38 @@ def test_aggregate_missing_data_and_unknown_env(tmp_path):
     assert "n/a" not in report.render_env_table([row])  # no threshold column at all
 
 
+def test_suite_grid_known_table(tmp_path):
+    root = tmp_path / "learning"
+    steps = [50_000, 100_000]
+    for seed in range(3):
+        write_job(root, "dqn", "MinAtar/Breakout-v1", seed, 100_000, steps, [2.0 + seed, 4.0])
+        write_job(root, "dqn", "MinAtar/Seaquest-v1", seed, 100_000, steps, [1.0, 2.0])
+    for seed in range(2):  # two DreamerV2 seeds at 100k, a third one only to 50k
+        write_job(root, "dreamerv2", "MinAtar/Breakout-v1", seed, 100_000, steps, [3.0, 5.0 + seed])
+    write_job(root, "dreamerv2", "MinAtar/Breakout-v1", 2, 100_000, steps[:1], [6.0], status="stopped")
+    write_job(root, "dreamerv2", "MinAtar/Seaquest-v1", 0, 100_000, steps, [1.0, 1.5])
+    write_job(root, "dreamerv2", "MinAtar/Seaquest-v1", 0, 100_000, steps, [9.0, 9.0], tag="other")  # tagged: left out
+    rows = report.aggregate(report.find_runs(root))
+    assert report.render_suite_grid(rows, "minatar") == "\n".join([
+        "| game | DreamerV2 @ 50k | DQN @ 50k | DreamerV2 @ 100k | DQN @ 100k |",
+        "|---|---|---|---|---|",
+        "| Breakout | **4.0 ± 1.7** | 3.0 ± 1.0 | **5.5 ± 0.7 (2 seeds)** | 4.0 ± 0.0 |",
+        "| Seaquest | 1.0 (1 seed) | 1.0 ± 0.0 | 1.5 (1 seed) | **2.0 ± 0.0** |",  # equal means: no bold
+        "| DreamerV2 ahead on | 1 of 2 |  | 1 of 2 |  |",
+    ])
+    assert report.render_suite_grid(rows, "cartpole") == ""  # no CartPole runs
+    assert "## minatar at a glance" in report.render_markdown(rows, report.find_runs(root))
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/results.md"])
+def test_docs_show_the_minatar_grid_of_the_committed_results(doc):
+    """The MinAtar table in the docs is the one the report generates from benchmarks/results/learning/ (no drift)."""
+    rows = report.aggregate(report.find_runs(report.LEARNING_DIR))
+    grid = report.render_suite_grid(rows, "minatar")
+    assert grid and grid in (ROOT / doc).read_text(), (
+        f"{doc}'s MinAtar table differs from the committed results; paste this one:\n" + grid)
+
+
 def test_report_markdown_anchors_and_plots(synthetic, tmp_path):
     out = tmp_path / "REPORT.md"
     text = report.make_report(synthetic, out, tmp_path / "plots")
