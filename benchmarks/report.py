@@ -474,8 +474,12 @@ def render_suite_grid(rows: Sequence[Row], suite_name: str, algos: tuple[str, st
     """
     suite = SUITES[suite_name]
     by_key = {(row.env, row.label): row for row in rows}
-    budgets = [b for b in suite.report_budgets
-               if any(by_key.get((env, algo)) and by_key[(env, algo)].cells.get(b) for env in suite.envs for algo in algos)]
+
+    def cell(env: str, algo: str, budget: int) -> Cell | None:
+        row = by_key.get((env, algo))
+        return row.cells.get(budget) if row else None
+
+    budgets = [b for b in suite.report_budgets if any(cell(env, algo, b) for env in suite.envs for algo in algos)]
     if not budgets:
         return ""
     names = [_label(algo) for algo in algos]
@@ -487,7 +491,7 @@ def render_suite_grid(rows: Sequence[Row], suite_name: str, algos: tuple[str, st
             continue
         cells: list[str] = []
         for b in budgets:
-            pair = [by_key[(env, algo)].cells.get(b) if (env, algo) in by_key else None for algo in algos]
+            pair = [cell(env, algo, b) for algo in algos]
             texts = ["—" if c is None else fmt_grid_cell(c, len(suite.seeds)) for c in pair]
             if pair[0] is not None and pair[1] is not None:
                 wins[b][1] += 1
