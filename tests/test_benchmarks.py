@@ -571,3 +571,12 @@ def test_time_budget_stops_the_call_and_defers_the_rest(tmp_path, monkeypatch):
     limits.clear()
     learning.run_jobs(jobs[:1], timeout=100.0)
     assert limits == [100.0]
+
+
+def test_gpu_checks_script_parses_and_names_its_steps():
+    script = ROOT / "benchmarks" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # syntax
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "wheels|run" in usage.stderr
+    missing_out = subprocess.run(["bash", str(script), "run"], capture_output=True, text=True, env={**os.environ, "OUT": ""})
+    assert missing_out.returncode != 0 and "OUT" in missing_out.stderr  # results must go to the folder that comes back
