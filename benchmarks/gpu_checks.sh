@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_checks.sh wheels   # here, with network: the wheels the GPU image lacks -> .whl/ (git-ignored)
 #   bash benchmarks/gpu_checks.sh run      # there, with .whl carried: results -> $OUT (at most 8 files come back)
 #
-# `run` does, in about 7 minutes on an H100:
+# `run` does (an estimate from the committed H100 step times: about 7 minutes; not yet run on a GPU):
 #   1. tests/test_cuda.py (graph replays against eager steps, learning/save/load with graphs, the capture error);
 #   2. the CUDA-graph learning check: CartPole, 2 seeds, 20k steps, `cuda_graph=True` (tag `cudagraph`), which must
 #      reach the CPU entry's evaluations (475 within 20k on 2 of 3 seeds) before graphs can become the default;
