@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import learning, peers, random_baseline, report  # noqa: E402
+from benchmarks import diagnostics, learning, peers, random_baseline, report  # noqa: E402
 from benchmarks.common import fmt_steps, parse_steps  # noqa: E402
 
 TINY_DREAMER = [
@@ -447,6 +447,11 @@ def test_end_to_end_tiny_harness_and_report(tmp_path):
     assert "| algorithm | return @ 100 | return @ 300 | steps to ≥ 475.0 |" in table
     assert "\n| DQN | " in table and "\n| DreamerV2 | " in table
     assert (tmp_path / "plots" / "CartPole-v1.png").exists()
+    # the training diagnostics read the values DreamerV2 logged from the harness's train.log (2 actions: <= ln 2)
+    log = diagnostics.read_train_log(results / "dreamerv2" / "CartPole-v1" / "seed0_300" / "train.log")
+    steps, entropy = diagnostics.series(log, "train/actor_entropy")
+    assert len(steps) and np.all(np.diff(steps) > 0) and steps[-1] <= 300
+    assert np.all((entropy > 0) & (entropy <= 0.6935))
     # rerun: both jobs are finished and skipped
     outcome = learning.run_jobs(learning.build_jobs(learning.SUITES["cartpole"], results_dir=results, seeds=[0],
                                                     budget=300, eval_freq=100, eval_episodes=2))
