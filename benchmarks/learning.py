@@ -43,6 +43,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +78,14 @@ DREAMER_ATARI_PROTOCOL = (
 
 
 _SAY_LOCK = threading.Lock()
+# Ctrl-C with parallel jobs: the main thread gets the KeyboardInterrupt, the worker threads waiting on their zoo
+# processes do not, and a zoo run that a Ctrl-C stops saves its model and exits 0 (rl-zoo3 catches the interruption).
+# So the main thread records the interruption here and stops the live zoo processes; their jobs end "interrupted"
+# (paused when they have a checkpoint), never "ok".
+_INTERRUPTED = threading.Event()
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+STOP_GRACE_SECONDS = 60.0  # how long an interrupted zoo process may take to exit before it is killed
 
 
 def say(message: str) -> None:
@@ -395,11 +404,13 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
             log.write(f"\n[learning] {segment['start_time']}: resuming from the checkpoint at step {point.steps}\n")
             log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
         atomic_write_json(job.job_file, {**record, "segments": segments, "status": "running", "pid": os.getpid(),
                                          "zoo_pid": proc.pid, "host": socket.gethostname()})  # fmt: skip
         try:
             returncode = proc.wait(timeout=timeout)
-            status = "ok" if returncode == 0 else "failed"
+            status = "interrupted" if _INTERRUPTED.is_set() else "ok" if returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
             status = "timeout"
         except KeyboardInterrupt:
@@ -408,6 +419,8 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
     if status in ("timeout", "interrupted") and resume_point(job) is not None:
         segment["stopped_by"], status = status, "paused"
     segment.update(end_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -426,6 +439,23 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
     return record
 
 
+def stop_live_jobs(grace: float = STOP_GRACE_SECONDS) -> None:
+    """After a Ctrl-C in the main thread: mark the call interrupted and stop every running zoo process (SIGINT, as a
+    terminal's Ctrl-C would have sent it, then SIGKILL after ``grace`` seconds)."""
+    _INTERRUPTED.set()
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for proc in live:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeout: float | None = None,
              dry_run: bool = False, time_budget: float | None = None) -> dict[str, list[Job]]:
     """Run the jobs that are not finished yet (continuing paused ones); return them grouped as
@@ -438,6 +468,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
     outcome: dict[str, list[Job]] = {"skipped": [], "busy": [], "ok": [], "paused": [], "failed": [], "deferred": [],
                                      "planned": []}  # fmt: skip
     deadline = None if time_budget is None else time.monotonic() + time_budget
+    _INTERRUPTED.clear()
     todo = []
     for job in jobs:
         record = read_job(job.dir)
@@ -456,6 +487,8 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
         return outcome
 
     def one(job: Job) -> tuple[Job, str]:
+        if _INTERRUPTED.is_set():
+            return job, "deferred"
         limit = timeout
         if deadline is not None:
             left = deadline - time.monotonic()
@@ -468,8 +501,14 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
     if parallel <= 1:
         results = [one(job) for job in todo]
     else:
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
+        pool = ThreadPoolExecutor(max_workers=parallel)
+        try:
             results = list(pool.map(one, todo))
+        except KeyboardInterrupt:
+            stop_live_jobs()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     for job, status in results:
         outcome[status if status in ("ok", "paused", "deferred") else "failed"].append(job)
     return outcome

@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -429,6 +432,41 @@ def test_run_job_writes_job_json_and_skips_finished(tmp_path, monkeypatch):
     calls.clear()
     learning.run_jobs([ok_job], force=True)
     assert calls == [ok_job]
+
+
+def test_ctrl_c_with_parallel_jobs_leaves_them_interrupted_not_finished(tmp_path, monkeypatch):
+    """A zoo run stopped by Ctrl-C saves its model and exits 0 (rl-zoo3 catches the interruption). With --parallel the
+    harness's worker threads never see the KeyboardInterrupt, so without help they would record such jobs as "ok"
+    (finished, skipped forever). The main thread must stop the zoo processes and the jobs must end "interrupted"."""
+    fake = tmp_path / "fake_zoo"  # behaves like the zoo on SIGINT: exit 0
+    fake.write_text('#!/bin/sh\nsleep 30 &\npid=$!\ntrap \'kill $pid; echo interrupted; exit 0\' INT\n'
+                    'touch "$FAKE_ZOO_DIR/started.$$"\nwait $pid\necho finished\nexit 0\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("FAKE_ZOO_DIR", str(tmp_path))
+    jobs = [learning.dataclasses.replace(job, python=str(fake)) for job in learning.build_jobs(
+        learning.SUITES["cartpole"], results_dir=tmp_path / "results", algos=["dqn"], seeds=[0, 1, 2], budget=300)]
+
+    def interrupt_once_both_started():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if len(list(tmp_path.glob("started.*"))) == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # the harness's main thread gets the KeyboardInterrupt
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt_once_both_started, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        learning.run_jobs(jobs, parallel=2)
+    assert time.monotonic() - t0 < 20  # the zoo processes were stopped, not waited out
+    statuses = [learning.read_job(job.dir)["status"] if learning.read_job(job.dir) else None for job in jobs]
+    assert statuses == ["interrupted", "interrupted", None]  # the third job never started
+    for job in jobs[:2]:
+        log = (job.dir / "train.log").read_text()
+        assert "interrupted" in log and "finished" not in log
+    # the next call runs them again (they are not "ok"); the flag of the interrupted call does not carry over
+    monkeypatch.setattr(learning, "run_job", lambda job, timeout=None, force=False: {"status": "ok"})
+    assert learning.run_jobs(jobs, parallel=2)["ok"] == jobs
 
 
 @pytest.mark.skipif(not learning.zoo_available(), reason="sb3_dreamer.zoo (the zoo launcher) is not available yet")
