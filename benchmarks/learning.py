@@ -18,9 +18,12 @@ says ``"status": "ok"``, and jobs still running (their process is alive on this 
 
 Long jobs are resumable: with a checkpoint frequency (the suite's ``checkpoint_freq``, or ``--checkpoint-freq``) the
 zoo saves the model and its replay buffer every so many steps (``sb3_dreamer.zoo train --checkpoint-freq``, keeping the
-newest). A job stopped before its end (``--timeout``, Ctrl-C, a killed session) is then ``"paused"`` (its evaluations
-so far count in the report) and the next run of the harness continues it from its newest checkpoint
-(``sb3_dreamer.zoo train --resume``: same run folder, same step counters, the evaluations up to the checkpoint kept);
+newest). A job stopped before its end (``--timeout``, ``--time-budget``, Ctrl-C, a killed session) is then ``"paused"``
+(its evaluations so far count in the report). When its time is up the harness asks the zoo run to checkpoint the step
+it is at and stop (SIGUSR1, see ``sb3_dreamer.zoo_resume``), so such a pause loses nothing; a Ctrl-C or a killed
+session falls back on the newest periodic checkpoint. The next run of the harness continues it from its newest
+checkpoint (``sb3_dreamer.zoo train --resume``: same run folder, same step counters, the evaluations up to the
+checkpoint kept);
 ``job.json`` lists every segment and sums their wall time. A job without a checkpoint, or one run with ``--force``,
 starts again from scratch (its partial zoo output is removed first).
 
@@ -38,6 +41,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -85,7 +89,8 @@ _SAY_LOCK = threading.Lock()
 _INTERRUPTED = threading.Event()
 _LIVE: set[subprocess.Popen] = set()
 _LIVE_LOCK = threading.Lock()
-STOP_GRACE_SECONDS = 60.0  # how long an interrupted zoo process may take to exit before it is killed
+STOP_GRACE_SECONDS = 60.0  # how long an interrupted or paused zoo process may take to exit before it is killed
+PAUSE_SIGNAL = signal.SIGUSR1  # sb3_dreamer.zoo_resume.PAUSE_SIGNAL: "write a checkpoint of this step and stop"
 
 
 def say(message: str) -> None:
@@ -413,6 +418,8 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
             status = "interrupted" if _INTERRUPTED.is_set() else "ok" if returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
             status = "timeout"
+            if job.checkpoint_freq:
+                pause_zoo(proc)
         except KeyboardInterrupt:
             status = "interrupted"
         finally:
@@ -437,6 +444,15 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
     if segment.get("stopped_by") == "interrupted" or status == "interrupted":
         raise KeyboardInterrupt
     return record
+
+
+def pause_zoo(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
+    """Ask a zoo run with checkpoints to write one of its current step and stop (``PAUSE_SIGNAL``); wait up to ``grace``
+    seconds for it to exit. Its time is up, but nothing since its last periodic checkpoint is lost."""
+    if proc.poll() is None:
+        proc.send_signal(PAUSE_SIGNAL)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # then the caller kills it
+            proc.wait(timeout=grace)
 
 
 def stop_live_jobs(grace: float = STOP_GRACE_SECONDS) -> None:

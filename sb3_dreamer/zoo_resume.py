@@ -16,6 +16,11 @@ is lost) needs the opposite: carry on the *same* run, as if it had not stopped. 
 are implemented by :func:`resumable_experiment_manager`, a subclass of rl-zoo3's ``ExperimentManager`` that
 :mod:`sb3_dreamer.zoo` puts in place of the original for a ``train`` command that uses them.
 
+A run can also be paused without losing the steps since its last checkpoint: ``SIGUSR1`` (``kill -USR1 <pid>``) asks
+the checkpoint callback to write a checkpoint at the current step and stop training, after which the launcher saves
+the model and exits as after a finished run; ``--resume`` then continues from exactly that step. The benchmark harness
+pauses its jobs this way when their time is up (``benchmarks/learning.py --time-budget``/``--timeout``).
+
 What a resumed run does not restore: the training env's state (its episode in progress is cut; DreamerV2 marks the
 cut in its replay buffer, see docs/resume.md), the ``t`` (wall time) column of the appended Monitor rows (it restarts
 at 0) and, for algorithms other than DreamerV2, the RNG states (the zoo's ``--seed`` applies again).
@@ -23,6 +28,8 @@ at 0) and, for algorithms other than DreamerV2, the RNG states (the zoo's ``--se
 
 import os
 import pathlib
+import signal
+import threading
 from typing import Any
 
 import numpy as np
@@ -36,6 +43,7 @@ from sb3_dreamer.common.checkpointing import Checkpoint, atomic_write, checkpoin
 
 CHECKPOINT_DIR = "checkpoints"
 NAME_PREFIX = "rl_model"
+PAUSE_SIGNAL = signal.SIGUSR1  # "checkpoint now and stop" (see the module docstring)
 
 
 class RollingCheckpointCallback(CheckpointCallback):
@@ -44,6 +52,9 @@ class RollingCheckpointCallback(CheckpointCallback):
     Every ``save_freq`` calls (env steps per env), and at the end of training, it saves the VecNormalize statistics
     (if any), the replay buffer (if any) and then the model, with SB3's file names, each to a temporary file renamed
     into place; then it deletes the checkpoints older than the newest ``keep`` complete ones.
+
+    While training runs in the main thread, ``PAUSE_SIGNAL`` (SIGUSR1) makes the next ``env.step`` call write a
+    checkpoint of that step and stop training (the callback returns False): a pause that loses nothing.
 
     :param save_freq: save every ``save_freq`` calls of the callback (``env.step`` calls)
     :param save_path: the folder of the checkpoints
@@ -57,13 +68,33 @@ class RollingCheckpointCallback(CheckpointCallback):
         super().__init__(save_freq, save_path, name_prefix=NAME_PREFIX, save_replay_buffer=True,
                          save_vecnormalize=True, verbose=verbose)  # fmt: skip
         self.keep = keep
+        self.pause_requested = False
+        self._handler_installed, self._previous_handler = False, None
+
+    def _on_training_start(self) -> None:
+        self.pause_requested = False
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous_handler = signal.signal(PAUSE_SIGNAL, self._request_pause)
+            self._handler_installed = True
+
+    def _request_pause(self, signum: int, frame: Any) -> None:
+        self.pause_requested = True  # acted on at the next env step, between whole gradient steps
 
     def _on_step(self) -> bool:
+        if self.pause_requested:
+            checkpoint = self.save_checkpoint()
+            print(f"Paused at {checkpoint.steps} steps on request (signal {PAUSE_SIGNAL.name}): checkpoint "
+                  f"{checkpoint.model}")  # fmt: skip
+            return False
         if self.n_calls % self.save_freq == 0:
             self.save_checkpoint()
         return True
 
     def _on_training_end(self) -> None:
+        if self._handler_installed:
+            previous = self._previous_handler
+            signal.signal(PAUSE_SIGNAL, signal.SIG_DFL if previous is None else previous)
+            self._handler_installed, self._previous_handler = False, None
         # The end of a finished run too, so that a later --resume with a larger -n extends it without repeating steps.
         # Not after an interruption: rl-zoo3 calls on_training_end after a KeyboardInterrupt, which can have stopped a
         # gradient step halfway (the newest checkpoint stays the resume point).

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -467,6 +468,35 @@ def test_ctrl_c_with_parallel_jobs_leaves_them_interrupted_not_finished(tmp_path
     # the next call runs them again (they are not "ok"); the flag of the interrupted call does not carry over
     monkeypatch.setattr(learning, "run_job", lambda job, timeout=None, force=False: {"status": "ok"})
     assert learning.run_jobs(jobs, parallel=2)["ok"] == jobs
+
+
+def test_a_job_whose_time_is_up_is_asked_to_checkpoint_and_stop(tmp_path, monkeypatch):
+    """At its timeout a job with checkpoints gets the zoo's pause signal (checkpoint this step, exit 0) and ends
+    "paused"; one without checkpoints has nothing to save and is killed."""
+    fake = tmp_path / "fake_zoo"  # stands in for the zoo's pause handler: note the signal, exit 0
+    fake.write_text('#!/bin/sh\nsleep 30 &\npid=$!\ntrap \'kill $pid; echo paused on USR1; exit 0\' USR1\n'
+                    'echo started\nwait $pid\necho finished\n')
+    fake.chmod(0o755)
+    suite = learning.SUITES["cartpole"]
+    with_checkpoints, without = (
+        learning.dataclasses.replace(job, python=str(fake), checkpoint_freq=freq)
+        for job, freq in zip(learning.build_jobs(suite, results_dir=tmp_path, algos=["dqn"], seeds=[0, 1]), (100, 0)))
+    calls = []
+
+    def resume_point(job):  # none when the job starts, the checkpoint of the pause once it has stopped
+        calls.append(job)
+        return None if len(calls) == 1 else SimpleNamespace(steps=123)
+
+    monkeypatch.setattr(learning, "resume_point", resume_point)
+    t0 = time.monotonic()
+    record = learning.run_job(with_checkpoints, timeout=2.0, echo=False)
+    assert time.monotonic() - t0 < 20  # it exited on the signal, well within the grace period
+    assert record["status"] == "paused" and record["segments"][-1]["stopped_by"] == "timeout"
+    log = (with_checkpoints.dir / "train.log").read_text()
+    assert "paused on USR1" in log and "finished" not in log
+    monkeypatch.setattr(learning, "resume_point", lambda job: None)
+    assert learning.run_job(without, timeout=2.0, echo=False)["status"] == "timeout"  # killed: no checkpoint to pause to
+    assert "USR1" not in (without.dir / "train.log").read_text()
 
 
 @pytest.mark.skipif(not learning.zoo_available(), reason="sb3_dreamer.zoo (the zoo launcher) is not available yet")

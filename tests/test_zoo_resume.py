@@ -3,6 +3,7 @@ harness pausing and continuing a job."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from test_zoo import FAST, TESTS_DIR, TINY, run_zoo
 
 from sb3_dreamer import DreamerV2
 from sb3_dreamer.zoo_resume import (
+    PAUSE_SIGNAL,
     RollingCheckpointCallback,
     checkpoint_files,
     find_resume_point,
@@ -93,6 +95,58 @@ def test_no_checkpoint_at_the_end_of_an_interrupted_run(tmp_path):
         model.learn(300, callback=[checkpoints, InterruptAt(120)])
     checkpoints.on_training_end()  # as rl-zoo3 does after catching the interruption
     assert [c.steps for c in list_checkpoints(tmp_path, require_buffer=True)] == [100]
+
+
+class SignalAt(BaseCallback):
+    """Sends ``signum`` to this process at env step ``step``, as `kill -USR1 <pid>` from outside would."""
+
+    def __init__(self, step: int, signum: int = signal.SIGUSR1):
+        super().__init__()
+        self.step, self.signum = step, signum
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps == self.step:
+            os.kill(os.getpid(), self.signum)
+        return True
+
+
+def test_pause_signal_checkpoints_the_current_step_and_stops(tmp_path):
+    assert PAUSE_SIGNAL == learning.PAUSE_SIGNAL == signal.SIGUSR1  # the harness sends what the callback handles
+    before = signal.getsignal(signal.SIGUSR1)
+    model = cartpole_dqn()
+    checkpoints = RollingCheckpointCallback(50, str(tmp_path))
+    model.learn(300, callback=[checkpoints, SignalAt(130)])
+    # the signal arrived after the checkpoint callback's turn at step 130: the next step is checkpointed and ends training
+    assert model.num_timesteps == 131 and checkpoints.pause_requested
+    assert [c.steps for c in list_checkpoints(tmp_path, require_buffer=True)] == [131]  # replaces the one at 100
+    assert DQN.load(tmp_path / "rl_model_131_steps.zip").num_timesteps == 131
+    # SB3 stores a step's transition after the callbacks (a stop returns before it), as at any periodic checkpoint
+    assert load_from_pkl(tmp_path / "rl_model_replay_buffer_131_steps.pkl").size() == 130
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler lives only while training runs
+    model.learn(50, callback=checkpoints, reset_num_timesteps=False)  # a later learn() is not paused by the old request
+    assert model.num_timesteps >= 181 and not checkpoints.pause_requested  # (in whole train_freq chunks of 4)
+
+
+def test_zoo_run_paused_by_signal_resumes_from_that_step(tmp_path):
+    """``kill -USR1`` on a zoo run: a checkpoint of the step it was at, exit 0; ``--resume`` continues from there."""
+    base = ["train", "--algo", "dqn", "--env", "CartPole-v1", "-f", "logs", "--eval-freq", "-1", "--checkpoint-freq",
+            "200", *FAST, "-params", "learning_starts:50", "train_freq:1", "gradient_steps:1"]  # fmt: skip
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    zoo = subprocess.Popen([sys.executable, "-m", "sb3_dreamer.zoo", *base[:-4], "-n", "1000000", *base[-4:]],
+                           cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "logs" / "dqn" / "CartPole-v1_1"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "rl_model_200_steps.zip").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # training has started (the pause handler is in place once the first checkpoint is written)
+    zoo.send_signal(signal.SIGUSR1)
+    output = zoo.communicate(timeout=120)[0]
+    assert zoo.returncode == 0, output[-3000:]
+    (point,) = list_checkpoints(run_dir / "checkpoints", require_buffer=True)
+    assert point.steps >= 200 and f"Paused at {point.steps} steps on request" in output
+    assert DQN.load(run_dir / "CartPole-v1.zip").num_timesteps == point.steps  # the zoo's own save, same step
+    resumed = run_zoo(*base[:-4], "-n", str(point.steps + 100), "--resume", *base[-4:], cwd=tmp_path)
+    assert f"from its checkpoint at {point.steps} steps" in resumed.stdout
+    assert DQN.load(run_dir / "CartPole-v1.zip").num_timesteps == point.steps + 100
 
 
 def test_a_checkpoint_without_its_replay_buffer_is_incomplete(tmp_path):
