@@ -430,6 +430,8 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
                 _LIVE.discard(proc)
     if status in ("timeout", "interrupted") and resume_point(job) is not None:
         segment["stopped_by"], status = status, "paused"
+    elif status == "ok" and job.checkpoint_freq and stopped_short(job):
+        segment["stopped_by"], status = "request", "paused"  # e.g. `kill -USR1` on its zoo process: it exits 0
     segment.update(end_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    wall_seconds=round(time.perf_counter() - t0, 2), status=status, loadavg_end=loadavg())  # fmt: skip
     record.update(
@@ -444,6 +446,14 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
     if segment.get("stopped_by") == "interrupted" or status == "interrupted":
         raise KeyboardInterrupt
     return record
+
+
+def stopped_short(job: Job) -> bool:
+    """Whether a job whose zoo run exited 0 stopped before its budget: its newest checkpoint (a finished run writes one
+    at its last step) is short of it. A run paused on request, or stopped by a Ctrl-C that only it received, exits 0
+    like a finished one."""
+    point = resume_point(job)
+    return point is not None and point.steps < job.budget
 
 
 def pause_zoo(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:

@@ -499,6 +499,30 @@ def test_a_job_whose_time_is_up_is_asked_to_checkpoint_and_stop(tmp_path, monkey
     assert "USR1" not in (without.dir / "train.log").read_text()
 
 
+def test_a_zoo_run_that_exits_0_short_of_its_budget_is_paused_not_finished(tmp_path, monkeypatch):
+    """``kill -USR1`` on a job's zoo run (or a Ctrl-C that only the zoo got) ends it with exit 0 before its budget; its
+    newest checkpoint says how far it got. A finished run's last checkpoint is at its budget."""
+    suite = learning.SUITES["cartpole"]
+    jobs = [learning.dataclasses.replace(job, python=_fake_python(tmp_path, 0), checkpoint_freq=freq)
+            for job, freq in zip(learning.build_jobs(suite, results_dir=tmp_path, algos=["dqn"], seeds=[0, 1, 2],
+                                                     budget=300), (100, 100, 0))]  # fmt: skip
+    last_checkpoint = {0: 123, 1: 300, 2: None}  # where each fake zoo run leaves its newest checkpoint
+    started = set()
+
+    def resume_point(job):  # none when the job starts (a fresh run), then the checkpoint its zoo run left
+        if job.seed not in started:
+            started.add(job.seed)
+            return None
+        steps = last_checkpoint[job.seed]
+        return None if steps is None else SimpleNamespace(steps=steps)
+
+    monkeypatch.setattr(learning, "resume_point", resume_point)
+    short, finished, no_checkpoints = (learning.run_job(job, echo=False) for job in jobs)
+    assert short["status"] == "paused" and short["segments"][-1]["stopped_by"] == "request"
+    assert finished["status"] == "ok" and no_checkpoints["status"] == "ok"
+    assert learning.stopped_short(jobs[0]) and not learning.stopped_short(jobs[1])
+
+
 @pytest.mark.skipif(not learning.zoo_available(), reason="sb3_dreamer.zoo (the zoo launcher) is not available yet")
 def test_end_to_end_tiny_harness_and_report(tmp_path):
     results = tmp_path / "learning"
