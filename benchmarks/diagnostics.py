@@ -128,13 +128,19 @@ def runs_for(env: str, algo: str = "dreamerv2", tags: Sequence[str] | None = Non
     return sorted(chosen, key=lambda r: (order.get(r.tag, len(order)), r.tag, r.seed))
 
 
+def load_series(runs: Sequence[Run], key: str) -> list[tuple[Run, np.ndarray, np.ndarray]]:
+    """(run, env steps, values) of ``key`` for every run, each ``train.log`` read once."""
+    return [(run, *series(read_train_log(Path(run.path) / "train.log"), key)) for run in runs]
+
+
 def tag_label(tag: str) -> str:
     return f"[{tag}]" if tag else "packaged entry"
 
 
-def plot_diagnostic(env: str, key: str, runs: Sequence[Run], out_path: Path, bin_steps: int = 5_000,
-                    references: Sequence[tuple[float, str]] = (), log_y: bool = False) -> Path:
-    """One PNG of ``key`` over env steps: a line per run, colour per tag, line style per seed."""
+def plot_diagnostic(env: str, key: str, curves: Sequence[tuple[Run, np.ndarray, np.ndarray]], out_path: Path,
+                    bin_steps: int = 5_000, references: Sequence[tuple[float, str]] = (), log_y: bool = False) -> Path:
+    """One PNG of ``key`` over env steps (``curves`` from :func:`load_series`): a line per run, colour per tag, line
+    style per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,10 +148,9 @@ def plot_diagnostic(env: str, key: str, runs: Sequence[Run], out_path: Path, bin
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    tags = list(dict.fromkeys(run.tag for run in runs))
+    tags = list(dict.fromkeys(run.tag for run, _, _ in curves))
     styles = ("-", "--", ":", "-.")
-    for run in runs:
-        raw_steps, raw_values = series(read_train_log(Path(run.path) / "train.log"), key)
+    for run, raw_steps, raw_values in curves:
         if len(raw_steps) == 0:
             continue
         steps, values = binned_series(raw_steps, raw_values, bin_steps)
@@ -193,22 +198,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = runs_for(args.env, args.algo, args.tags, args.seeds, args.results_dir)
     if not runs:
         parser.error(f"no {args.algo} runs of {args.env} with tags {args.tags} under {args.results_dir}")
-    missing = [run for run in runs if not len(series(read_train_log(Path(run.path) / "train.log"), args.key)[0])]
-    if len(missing) == len(runs):
+    curves = load_series(runs, args.key)
+    if not any(len(steps) for _, steps, _ in curves):
         parser.error(f"no run logged {args.key!r} (keys look like train/actor_entropy or rollout/ep_rew_mean)")
     references = [(float(value), label) for value, label in args.reference]
-    out = plot_diagnostic(args.env, args.key, runs, args.out or default_out(args.env, args.key), bin_steps, references,
-                          args.log_y)
+    out = plot_diagnostic(args.env, args.key, curves, args.out or default_out(args.env, args.key), bin_steps,
+                          references, args.log_y)
     if args.print:
-        print(render_table(args.key, runs, bin_steps))
+        print(render_table(curves, bin_steps))
     print(f"[diagnostics] wrote {out}", file=sys.stderr)
     return 0
 
 
-def render_table(key: str, runs: Sequence[Run], bin_steps: int) -> str:
-    """The binned values of ``key``, a column per run and a row per window."""
-    columns = {f"{tag_label(r.tag)} s{r.seed}": dict(zip(*binned_series(
-        *series(read_train_log(Path(r.path) / "train.log"), key), bin_steps))) for r in runs}
+def render_table(curves: Sequence[tuple[Run, np.ndarray, np.ndarray]], bin_steps: int) -> str:
+    """The binned values of :func:`load_series` ``curves``, a column per run and a row per window."""
+    columns = {f"{tag_label(run.tag)} s{run.seed}": dict(zip(*binned_series(steps, values, bin_steps)))
+               for run, steps, values in curves}
     ends = sorted({end for col in columns.values() for end in col})
     out = ["| env steps | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for end in ends:
