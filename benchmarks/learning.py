@@ -25,7 +25,9 @@ session falls back on the newest periodic checkpoint. The next run of the harnes
 checkpoint (``sb3_dreamer.zoo train --resume``: same run folder, same step counters, the evaluations up to the
 checkpoint kept);
 ``job.json`` lists every segment and sums their wall time. A job without a checkpoint, or one run with ``--force``,
-starts again from scratch (its partial zoo output is removed first).
+starts again from scratch (its partial zoo output is removed first), except a paused job whose checkpoints are not
+there (results committed without them, a fresh clone): it is skipped with a message, its evaluations kept, unless
+``--force`` says to start it over.
 
 Usage::
 
@@ -485,14 +487,18 @@ def stop_live_jobs(grace: float = STOP_GRACE_SECONDS) -> None:
 def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeout: float | None = None,
              dry_run: bool = False, time_budget: float | None = None) -> dict[str, list[Job]]:
     """Run the jobs that are not finished yet (continuing paused ones); return them grouped as
-    ``skipped``/``busy``/``ok``/``paused``/``failed``/``deferred``/``planned``.
+    ``skipped``/``busy``/``stranded``/``ok``/``paused``/``failed``/``deferred``/``planned``.
+
+    A paused job whose checkpoints are missing (results copied or committed without them, another machine) is
+    ``stranded``: it is left as it is, since starting it over would delete the evaluations it has; ``force`` starts it
+    over.
 
     :param timeout: seconds per job (per segment of it)
     :param time_budget: seconds for the whole call: jobs still running then are stopped (paused when they have a
         checkpoint) and jobs not started yet are ``deferred`` to the next call
     """
-    outcome: dict[str, list[Job]] = {"skipped": [], "busy": [], "ok": [], "paused": [], "failed": [], "deferred": [],
-                                     "planned": []}  # fmt: skip
+    outcome: dict[str, list[Job]] = {"skipped": [], "busy": [], "stranded": [], "ok": [], "paused": [], "failed": [],
+                                     "deferred": [], "planned": []}  # fmt: skip
     deadline = None if time_budget is None else time.monotonic() + time_budget
     _INTERRUPTED.clear()
     todo = []
@@ -504,6 +510,10 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
         elif not force and record is not None and record.get("status") == "ok":
             outcome["skipped"].append(job)
             say(f"skip {job.key} (finished: {job.job_file})")
+        elif not force and record is not None and record.get("status") == "paused" and resume_point(job) is None:
+            outcome["stranded"].append(job)  # e.g. results committed without their checkpoints: keep them
+            say(f"skip {job.key} (paused, but its checkpoints are not in {job.run_folder / 'checkpoints'}: put them "
+                "back to continue it, or pass --force to start it over, discarding its evaluations so far)")
         else:
             todo.append(job)
     if dry_run:

@@ -523,6 +523,30 @@ def test_a_zoo_run_that_exits_0_short_of_its_budget_is_paused_not_finished(tmp_p
     assert learning.stopped_short(jobs[0]) and not learning.stopped_short(jobs[1])
 
 
+def test_a_paused_job_without_its_checkpoints_is_kept_not_started_over(tmp_path, monkeypatch, capsys):
+    """Paused results copied or committed without their checkpoints (a fresh clone) cannot be continued; starting them
+    over would delete hours of evaluations, so the harness leaves them alone unless told to with --force."""
+    (job,) = learning.build_jobs(learning.SUITES["cartpole"], results_dir=tmp_path, algos=["dqn"], seeds=[0], budget=300)
+    job = learning.dataclasses.replace(job, python=_fake_python(tmp_path, 0))
+    job.run_folder.mkdir(parents=True)
+    evaluations = job.run_folder / "evaluations.npz"
+    evaluations.write_bytes(b"evaluations so far")
+    learning.atomic_write_json(job.job_file, {"algo": "dqn", "status": "paused", "segments": []})
+    monkeypatch.setattr(learning, "resume_point", lambda job: None)  # no checkpoints here
+
+    outcome = learning.run_jobs([job])
+    assert outcome["stranded"] == [job] and not outcome["ok"]
+    assert evaluations.read_bytes() == b"evaluations so far" and learning.read_job(job.dir)["status"] == "paused"
+    assert "checkpoints are not in" in capsys.readouterr().out
+
+    monkeypatch.setattr(learning, "resume_point", lambda job: SimpleNamespace(steps=123))  # checkpoints put back
+    assert learning.run_jobs([job], dry_run=True)["planned"] == [job]
+    assert "--resume" in capsys.readouterr().out
+    monkeypatch.setattr(learning, "resume_point", lambda job: None)
+    assert learning.run_jobs([job], force=True)["ok"] == [job]  # --force starts it over
+    assert not evaluations.exists() and learning.read_job(job.dir)["status"] == "ok"
+
+
 @pytest.mark.skipif(not learning.zoo_available(), reason="sb3_dreamer.zoo (the zoo launcher) is not available yet")
 def test_end_to_end_tiny_harness_and_report(tmp_path):
     results = tmp_path / "learning"
