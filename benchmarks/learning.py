@@ -38,6 +38,8 @@ Usage::
         --algo-params dreamerv2 learning_starts:500 --tag quick
     python -m benchmarks.learning --suite minatar --algos dreamerv2 --seeds 0 --budget 250000 --time-budget 3000
         # 50 minutes of the suite now; the same command later carries on from the newest checkpoints
+    python -m benchmarks.learning --suite minatar --algos dreamerv2 --envs MinAtar/Breakout-v1 --budget 250000 \\
+        --retag old-entry --why "the entry changed in <commit>"   # move untagged runs to a tag (--tag: from a tag)
 """
 
 from __future__ import annotations
@@ -484,6 +486,39 @@ def stop_live_jobs(grace: float = STOP_GRACE_SECONDS) -> None:
             proc.kill()
 
 
+def retag_job(job: Job, tag: str, why: str) -> Job:
+    """Move ``job``'s folder to the one of the same job under ``tag`` ("" for untagged) and say so in its job.json.
+
+    For when a packaged entry changes: the untagged runs of the old entry get a tag, and tagged runs whose settings the
+    entry now has become untagged. The run itself is untouched; ``command`` names the new folder, the segments keep
+    the commands they ran, and ``retagged`` lists every move with its reason.
+    """
+    record = read_job(job.dir)
+    if record is None:
+        raise FileNotFoundError(f"{job.key}: no job.json in {job.dir}")
+    if is_alive(record):
+        raise RuntimeError(f"{job.key} is running (pid {record.get('pid')}): retag it once it has stopped")
+    moved = dataclasses.replace(job, tag=tag)
+    if moved.dir.exists():
+        raise FileExistsError(f"{job.key}: {moved.dir} exists; retag that job first")
+    def in_new_folder(command: str) -> str:  # its --log-folder: absolute, relative, or where the job ran before a copy
+        def moved_arg(arg: str) -> str:
+            path = Path(arg)
+            return str(path.with_name(moved.dir.name)) if path.parts[-2:] == job.dir.parts[-2:] else arg
+
+        return shlex.join(moved_arg(arg) for arg in shlex.split(command))
+
+    job.dir.rename(moved.dir)
+    record.update(
+        tag=tag, command=in_new_folder(record.get("command", "")),
+        command_portable=in_new_folder(record.get("command_portable", "")),
+        retagged=[*record.get("retagged", []), {"from": job.dir.name, "to": moved.dir.name, "why": why,
+                                                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}],
+    )  # fmt: skip
+    atomic_write_json(moved.job_file, record)
+    return moved
+
+
 def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeout: float | None = None,
              dry_run: bool = False, time_budget: float | None = None) -> dict[str, list[Job]]:
     """Run the jobs that are not finished yet (continuing paused ones); return them grouped as
@@ -587,6 +622,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="env steps between resumable checkpoints (default: the suite's; 0: none)")
     parser.add_argument("--force", action="store_true", help="rerun finished jobs too, and paused ones from scratch")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the jobs to run, run nothing")
+    parser.add_argument("--retag", metavar="NEW_TAG",
+                        help="run nothing: move the selected jobs (those of --tag) to NEW_TAG ('' for untagged), e.g. "
+                        "when a packaged entry changes; needs --why")
+    parser.add_argument("--why", help="the reason for --retag, kept in each job.json")
     parser.add_argument("--list-suites", action="store_true", help="describe the suites and exit")
     return parser
 
@@ -606,6 +645,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         algo_params=parse_algo_params(args.algo_params), device=args.device, threads=args.threads, tag=args.tag,
         checkpoint_freq=args.checkpoint_freq,
     )
+    if args.retag is not None:
+        if not args.why:
+            raise SystemExit("--retag needs --why: the reason is kept in each job.json")
+        for job in jobs:
+            if job.dir.is_dir():
+                say(f"retag {job.key}: {job.dir.name} -> {retag_job(job, args.retag, args.why).dir.name}")
+            else:
+                say(f"skip {job.key}: no job folder {job.dir}")
+        return 0
     if not args.dry_run and not zoo_available():
         print("[learning] sb3_dreamer.zoo is missing: the zoo launcher is needed to run jobs", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -545,6 +546,44 @@ def test_a_paused_job_without_its_checkpoints_is_kept_not_started_over(tmp_path,
     monkeypatch.setattr(learning, "resume_point", lambda job: None)
     assert learning.run_jobs([job], force=True)["ok"] == [job]  # --force starts it over
     assert not evaluations.exists() and learning.read_job(job.dir)["status"] == "ok"
+
+
+def test_retag_moves_a_job_and_keeps_its_history(tmp_path, monkeypatch):
+    """When a packaged entry changes, its old untagged runs get a tag and the runs of the new settings lose theirs."""
+    def jobs(tag):
+        return learning.build_jobs(learning.SUITES["minatar"], results_dir=tmp_path, algos=["dreamerv2"],
+                                   envs=["MinAtar/Breakout-v1"], seeds=[0], budget=250_000, tag=tag)
+
+    (old,), (new,) = jobs(""), jobs("ent1e-2")
+    for job in (old, new):
+        job.run_folder.mkdir(parents=True)
+        ran_in = f"/elsewhere/dreamerv2/MinAtar-Breakout-v1/{job.dir.name}"  # copied from another results folder
+        learning.atomic_write_json(job.job_file, {"status": "ok", "tag": job.tag, "command": shlex.join(job.command()),
+                                                  "command_portable": f"python -m x --log-folder {ran_in} -n 5",
+                                                  "segments": [{"command": shlex.join(job.command())}]})
+    with pytest.raises(FileExistsError, match="retag that job first"):
+        learning.retag_job(new, "", why="entry changed")
+    assert learning.main(["--suite", "minatar", "--algos", "dreamerv2", "--envs", "MinAtar/Breakout-v1", "--seeds",
+                          "0", "--budget", "250000", "--results-dir", str(tmp_path), "--retag", "ent1e-3", "--why",
+                          "the entry now sets actor_entropy_coef 0.01"]) == 0  # fmt: skip
+    promoted = learning.retag_job(new, "", why="its settings are the entry's now")
+
+    assert promoted.dir == old.dir and not new.dir.exists() and (old.dir / "dreamerv2").is_dir()
+    record = learning.read_job(promoted.dir)
+    assert record["tag"] == "" and record["command"] == shlex.join(old.command())
+    assert record["command_portable"] == "python -m x --log-folder /elsewhere/dreamerv2/MinAtar-Breakout-v1/seed0_250k -n 5"
+    assert record["segments"] == [{"command": shlex.join(new.command())}]  # what ran, as it ran
+    assert [(r["from"], r["to"], r["why"]) for r in record["retagged"]] == [
+        ("seed0_250k_ent1e-2", "seed0_250k", "its settings are the entry's now")]
+    demoted = learning.read_job(jobs("ent1e-3")[0].dir)
+    assert demoted["tag"] == "ent1e-3" and "seed0_250k_ent1e-3" in demoted["command"]
+    assert demoted["retagged"][0]["why"] == "the entry now sets actor_entropy_coef 0.01"
+
+    with pytest.raises(SystemExit, match="--why"):
+        learning.main(["--suite", "minatar", "--results-dir", str(tmp_path), "--retag", "x"])
+    monkeypatch.setattr(learning, "is_alive", lambda record: True)
+    with pytest.raises(RuntimeError, match="is running"):
+        learning.retag_job(promoted, "x", why="no")
 
 
 @pytest.mark.skipif(not learning.zoo_available(), reason="sb3_dreamer.zoo (the zoo launcher) is not available yet")
