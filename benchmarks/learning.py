@@ -486,6 +486,11 @@ def stop_live_jobs(grace: float = STOP_GRACE_SECONDS) -> None:
             proc.kill()
 
 
+def _as_list(value: Any) -> list[Any]:
+    """A job.json list field; a single value (e.g. a ``retagged`` note written by hand) becomes its only item."""
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
 def retag_job(job: Job, tag: str, why: str) -> Job:
     """Move ``job``'s folder to the one of the same job under ``tag`` ("" for untagged) and say so in its job.json.
 
@@ -512,8 +517,8 @@ def retag_job(job: Job, tag: str, why: str) -> Job:
     record.update(
         tag=tag, command=in_new_folder(record.get("command", "")),
         command_portable=in_new_folder(record.get("command_portable", "")),
-        retagged=[*record.get("retagged", []), {"from": job.dir.name, "to": moved.dir.name, "why": why,
-                                                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}],
+        retagged=[*_as_list(record.get("retagged")), {"from": job.dir.name, "to": moved.dir.name, "why": why,
+                                                      "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}],
     )  # fmt: skip
     atomic_write_json(moved.job_file, record)
     return moved

@@ -561,6 +561,7 @@ def test_retag_moves_a_job_and_keeps_its_history(tmp_path, monkeypatch):
         learning.atomic_write_json(job.job_file, {"status": "ok", "tag": job.tag, "command": shlex.join(job.command()),
                                                   "command_portable": f"python -m x --log-folder {ran_in} -n 5",
                                                   "segments": [{"command": shlex.join(job.command())}]})
+    learning.atomic_write_json(old.job_file, {**learning.read_job(old.dir), "retagged": "from 'seed0_250k_rr64'"})
     with pytest.raises(FileExistsError, match="retag that job first"):
         learning.retag_job(new, "", why="entry changed")
     assert learning.main(["--suite", "minatar", "--algos", "dreamerv2", "--envs", "MinAtar/Breakout-v1", "--seeds",
@@ -577,7 +578,8 @@ def test_retag_moves_a_job_and_keeps_its_history(tmp_path, monkeypatch):
         ("seed0_250k_ent1e-2", "seed0_250k", "its settings are the entry's now")]
     demoted = learning.read_job(jobs("ent1e-3")[0].dir)
     assert demoted["tag"] == "ent1e-3" and "seed0_250k_ent1e-3" in demoted["command"]
-    assert demoted["retagged"][0]["why"] == "the entry now sets actor_entropy_coef 0.01"
+    assert demoted["retagged"][0] == "from 'seed0_250k_rr64'"  # an earlier note written by hand, kept
+    assert demoted["retagged"][1]["why"] == "the entry now sets actor_entropy_coef 0.01"
 
     with pytest.raises(SystemExit, match="--why"):
         learning.main(["--suite", "minatar", "--results-dir", str(tmp_path), "--retag", "x"])
