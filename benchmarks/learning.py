@@ -506,6 +506,7 @@ def retag_job(job: Job, tag: str, why: str) -> Job:
     moved = dataclasses.replace(job, tag=tag)
     if moved.dir.exists():
         raise FileExistsError(f"{job.key}: {moved.dir} exists; retag that job first")
+
     def in_new_folder(command: str) -> str:  # its --log-folder: absolute, relative, or where the job ran before a copy
         def moved_arg(arg: str) -> str:
             path = Path(arg)
