@@ -4,6 +4,7 @@ End-to-end tests run ``python -m sb3_dreamer.zoo ...`` in subprocesses with tiny
 steps. The PostgreSQL test starts its own server from the Debian binaries and skips when they are absent.
 """
 
+import inspect
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.save_util import load_from_pkl
 
-from sb3_dreamer import zoo
+from sb3_dreamer import DreamerV2, zoo
 
 TESTS_DIR = Path(__file__).resolve().parent
 SIZES = "deter_size=32, hidden_size=32, stoch_size=4, classes=4, mlp_layers=1, mlp_units=32, cnn_depth=4"
@@ -103,13 +104,14 @@ def test_packaged_hyperparams():
     assert {"dreamerv2.yml", "dqn.yml"} <= files
     dreamer = yaml.safe_load((zoo.HYPERPARAMS_DIR / "dreamerv2.yml").read_text())
     minatar = [f"MinAtar/{game}-v1" for game in ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")]
+    default_entropy_coef = inspect.signature(DreamerV2).parameters["actor_entropy_coef"].default  # what unset keys get
     assert {"CartPole-v1", "Pendulum-v1", "atari", "default", *minatar} <= set(dreamer)
     for env_id in minatar:
         assert dreamer[env_id]["policy"] == "CnnPolicy" and "image_dist='binary'" in dreamer[env_id]["policy_kwargs"]
         entry = dreamer[env_id]
         assert (entry["batch_size"], entry["sequence_length"], entry["train_freq"]) == (16, 32, 8)
         # Breakout's actor collapses to NOOP at the default η = 1e-3; Freeway's stays uniform at 1e-2 (docs/results.md)
-        assert entry.get("actor_entropy_coef", 1e-3) == (1e-2 if "Breakout" in env_id else 1e-3)
+        assert entry.get("actor_entropy_coef", default_entropy_coef) == (1e-2 if "Breakout" in env_id else 1e-3)
     atari = dreamer["atari"]
     assert "frame_stack" not in atari and atari["env_kwargs"]["frameskip"] == 1
     assert (atari["kl_scale"], atari["discount_scale"], atari["gamma"], atari["reward_transform"]) == (0.1, 5.0, 0.999, "tanh")
