@@ -25,9 +25,9 @@ session falls back on the newest periodic checkpoint. The next run of the harnes
 checkpoint (``sb3_dreamer.zoo train --resume``: same run folder, same step counters, the evaluations up to the
 checkpoint kept);
 ``job.json`` lists every segment and sums their wall time. A job without a checkpoint, or one run with ``--force``,
-starts again from scratch (its partial zoo output is removed first), except a paused job whose checkpoints are not
-there (results committed without them, a fresh clone): it is skipped with a message, its evaluations kept, unless
-``--force`` says to start it over.
+starts again from scratch (its partial zoo output is removed first), except a paused job, or one whose harness was
+killed after it had written evaluations, whose checkpoints are not there (results committed without them, a fresh
+clone): it is skipped with a message, its evaluations kept, unless ``--force`` says to start it over.
 
 Usage::
 
@@ -525,14 +525,28 @@ def retag_job(job: Job, tag: str, why: str) -> Job:
     return moved
 
 
+def stopped_part_way(job: Job, record: dict[str, Any] | None) -> str | None:
+    """Why ``job`` (not running now) is an unfinished run that only its checkpoints could continue, or None.
+
+    That is a paused job, or one whose harness was killed while it ran (``job.json`` still says ``"running"``) after it
+    had written evaluations, when it saves checkpoints. A job without checkpoints could only start over anyway.
+    """
+    status = None if record is None else record.get("status")
+    if status == "paused":
+        return "paused"
+    if status == "running" and job.checkpoint_freq and list(job.run_folder.glob("*/evaluations.npz")):
+        return "stopped while running (its harness was killed)"
+    return None
+
+
 def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeout: float | None = None,
              dry_run: bool = False, time_budget: float | None = None) -> dict[str, list[Job]]:
     """Run the jobs that are not finished yet (continuing paused ones); return them grouped as
     ``skipped``/``busy``/``stranded``/``ok``/``paused``/``failed``/``deferred``/``planned``.
 
-    A paused job whose checkpoints are missing (results copied or committed without them, another machine) is
-    ``stranded``: it is left as it is, since starting it over would delete the evaluations it has; ``force`` starts it
-    over.
+    A job stopped part-way (:func:`stopped_part_way`) whose checkpoints are missing (results copied or committed without
+    them, another machine) is ``stranded``: it is left as it is, since starting it over would delete the evaluations
+    it has; ``force`` starts it over.
 
     :param timeout: seconds per job (per segment of it)
     :param time_budget: seconds for the whole call: jobs still running then are stopped (paused when they have a
@@ -551,9 +565,9 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, force: bool = False, timeou
         elif not force and record is not None and record.get("status") == "ok":
             outcome["skipped"].append(job)
             say(f"skip {job.key} (finished: {job.job_file})")
-        elif not force and record is not None and record.get("status") == "paused" and resume_point(job) is None:
+        elif not force and (why := stopped_part_way(job, record)) and resume_point(job) is None:
             outcome["stranded"].append(job)  # e.g. results committed without their checkpoints: keep them
-            say(f"skip {job.key} (paused, but its checkpoints are not in {job.run_folder / 'checkpoints'}: put them "
+            say(f"skip {job.key} ({why}, but its checkpoints are not in {job.run_folder / 'checkpoints'}: put them "
                 "back to continue it, or pass --force to start it over, discarding its evaluations so far)")
         else:
             todo.append(job)

@@ -548,6 +548,31 @@ def test_a_paused_job_without_its_checkpoints_is_kept_not_started_over(tmp_path,
     assert not evaluations.exists() and learning.read_job(job.dir)["status"] == "ok"
 
 
+def test_a_job_whose_harness_was_killed_is_kept_when_only_its_checkpoints_could_continue_it(tmp_path, monkeypatch):
+    """job.json still says "running" (the harness was killed) and its process is gone: with evaluations written and
+    checkpoints expected but missing, it is stranded like a paused job; without either it can only start over."""
+    (job,) = learning.build_jobs(learning.SUITES["cartpole"], results_dir=tmp_path, algos=["dqn"], seeds=[0], budget=300)
+    job = learning.dataclasses.replace(job, python=_fake_python(tmp_path, 0), checkpoint_freq=100)
+    evaluations = job.run_folder / "CartPole-v1_1" / "evaluations.npz"
+    evaluations.parent.mkdir(parents=True)
+    evaluations.write_bytes(b"evaluations so far")
+    dead = {"algo": "dqn", "status": "running", "pid": 2**22 + 1, "host": "another-host", "segments": []}
+    learning.atomic_write_json(job.job_file, dead)
+    monkeypatch.setattr(learning, "resume_point", lambda job: None)  # no checkpoints here
+
+    assert learning.stopped_part_way(job, dead) == "stopped while running (its harness was killed)"
+    outcome = learning.run_jobs([job])
+    assert outcome["stranded"] == [job] and not outcome["ok"]
+    assert evaluations.read_bytes() == b"evaluations so far" and learning.read_job(job.dir)["status"] == "running"
+
+    no_checkpoints = learning.dataclasses.replace(job, checkpoint_freq=0)
+    assert learning.stopped_part_way(no_checkpoints, dead) is None
+    evaluations.unlink()
+    assert learning.stopped_part_way(job, dead) is None  # killed before its first evaluation
+    assert learning.run_jobs([job])["ok"] == [job]
+    assert learning.read_job(job.dir)["status"] == "ok"
+
+
 def test_retag_moves_a_job_and_keeps_its_history(tmp_path, monkeypatch):
     """When a packaged entry changes, its old untagged runs get a tag and the runs of the new settings lose theirs."""
     def jobs(tag):
