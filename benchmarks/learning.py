@@ -235,6 +235,10 @@ class Job:
         """The zoo's ``<algo>`` folder inside the job folder (holding ``<EnvName>_<k>`` run folders)."""
         return self.dir / self.algo
 
+    def has_evaluations(self) -> bool:
+        """Whether the zoo run has written its ``evaluations.npz``."""
+        return any(self.run_folder.glob("*/evaluations.npz"))
+
     def command(self, resume: bool = False) -> list[str]:
         cmd = [
             self.python, "-m", "sb3_dreamer.zoo", "train",
@@ -442,7 +446,7 @@ def run_job(job: Job, timeout: float | None = None, echo: bool = True, force: bo
         end_time=segment["end_time"], wall_seconds=round(sum(s["wall_seconds"] for s in segments), 2), status=status,
         returncode=returncode, loadavg_end=segment["loadavg_end"], machine=machine_info(), segments=segments,
     )
-    if status == "ok" and not list(job.run_folder.glob("*/evaluations.npz")):
+    if status == "ok" and not job.has_evaluations():
         record["warning"] = "the zoo run ended without evaluations.npz (budget below --eval-freq?)"
     atomic_write_json(job.job_file, record)
     if echo:
@@ -534,7 +538,7 @@ def stopped_part_way(job: Job, record: dict[str, Any] | None) -> str | None:
     status = None if record is None else record.get("status")
     if status == "paused":
         return "paused"
-    if status == "running" and job.checkpoint_freq and list(job.run_folder.glob("*/evaluations.npz")):
+    if status == "running" and job.checkpoint_freq and job.has_evaluations():
         return "stopped while running (its harness was killed)"
     return None
 
