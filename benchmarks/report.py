@@ -100,8 +100,10 @@ class Row:
     n_running: int
     wall_seconds_mean: float | None
     max_steps: int  # largest evaluated env step over the seeds
+    min_steps: int = 0  # the seed that got least far: its last evaluated env step
     n_stopped: int = 0
     n_paused: int = 0
+    wall_seconds_range: tuple[float, float] | None = None  # fastest and slowest finished run
     last: Cell | None = None  # each seed's last evaluation, wherever it got to (diagnostic runs off the budgets)
     episodes: int = 0  # episodes per evaluation, the fewest over the seeds (0: unknown)
 
@@ -272,7 +274,9 @@ def aggregate(
                     n_failed=len(failed.get(key, [])), n_running=sum(r.status == "running" for r in seeds),
                     n_stopped=sum(r.status == "stopped" for r in seeds), n_paused=sum(r.status == "paused" for r in seeds),
                     wall_seconds_mean=float(np.mean(walls)) if walls else None,
+                    wall_seconds_range=(min(walls), max(walls)) if walls else None,
                     max_steps=max((int(r.timesteps.max()) for r in seeds if len(r.timesteps)), default=0),
+                    min_steps=min((int(r.timesteps.max()) for r in seeds if len(r.timesteps)), default=0),
                     last=mean_std([float(r.returns[-1]) for r in seeds if len(r.returns)]),
                     episodes=min((r.episodes for r in seeds if r.episodes), default=0),
                 )
@@ -360,6 +364,14 @@ def fmt_wall(seconds: float | None) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def fmt_wall_range(row: Row) -> str:
+    """Wall-clock per finished run: the mean, or the range when the slowest took over 1.2x the fastest (other budgets,
+    threads or machines)."""
+    if row.wall_seconds_range is None or row.wall_seconds_range[1] <= 1.2 * row.wall_seconds_range[0]:
+        return fmt_wall(row.wall_seconds_mean)
+    return "-".join(fmt_wall(s) for s in row.wall_seconds_range)
 
 
 @dataclasses.dataclass
@@ -511,6 +523,13 @@ def _label(label: str) -> str:
     return ALGO_LABELS.get(algo, algo) + (f" {rest}" if rest else "")
 
 
+def fmt_reached(row: Row) -> str:
+    """How far the seeds got: one step count, or the range when they stopped at different ones."""
+    if row.min_steps and row.min_steps < row.max_steps:
+        return f"{fmt_steps(row.min_steps)}-{fmt_steps(row.max_steps)}"
+    return fmt_steps(row.max_steps)
+
+
 def render_env_table(rows: Sequence[Row]) -> str:
     """The markdown table of one env's rows."""
     budgets = list(rows[0].cells) if rows else []
@@ -528,7 +547,7 @@ def render_env_table(rows: Sequence[Row]) -> str:
         cells = [_label(row.label), *(fmt_cell(row.cells[b], row.n_seeds) for b in budgets)]
         if threshold is not None:
             cells.append(fmt_threshold(row))
-        cells += [seeds, fmt_steps(row.max_steps), fmt_cell(row.last, row.n_seeds), fmt_wall(row.wall_seconds_mean)]
+        cells += [seeds, fmt_reached(row), fmt_cell(row.last, row.n_seeds), fmt_wall_range(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -622,7 +641,9 @@ def render_markdown(
         "is the mean ± sample std over seeds of the **last evaluation at or before the budget** (no interpolation; a",
         "seed counts only if its run reached the budget, `(n=k)` when fewer seeds than the row's count). Budgets are",
         "env (agent) steps; Atari steps are 4 frames each. Steps-to-threshold: first evaluation whose mean return",
-        "reaches the threshold, averaged over the seeds that reached it.",
+        "reaches the threshold, averaged over the seeds that reached it. *Env steps reached* is a range when the seeds",
+        "stopped at different steps; *last evaluation* is each seed's final one, wherever it got to; *wall-clock / run*",
+        "is the mean over finished runs, or their range when they differ by over 1.2x (budgets, threads).",
         "",
     ]
     by_env: dict[str, list[Row]] = defaultdict(list)

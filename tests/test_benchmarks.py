@@ -118,15 +118,29 @@ def test_aggregate_known_table(synthetic):
     check(dreamer.cells[10_000], [20, 30])
     check(dreamer.cells[25_000], [50])  # the running seed stopped at 20k: it does not count at 25k
     check(dreamer.cells[50_000], [300])
-    assert dreamer.threshold_steps is None and dreamer.max_steps == 50_000
+    assert dreamer.threshold_steps is None and (dreamer.min_steps, dreamer.max_steps) == (20_000, 50_000)
 
     table = report.render_env_table(rows)
     assert "| algorithm | return @ 10k | return @ 25k | return @ 50k | steps to ≥ 475.0 | seeds |" in table
     assert f"| DQN | 103.3 ± {np.std([100, 120, 90], ddof=1):.1f} |" in table
     assert "| 490.0 ± 17.3 | 25k ± 7.1k (2/3 seeds) | 3 | 50k | 490.0 ± 17.3 |" in table
     dreamer_row = ("| DreamerV2 | 25.0 ± 7.1 | 50.0 ± 0.0 (n=1) | 300.0 ± 0.0 (n=1) | not reached (0/2 seeds) "
-                   "| 2 (1 running) (+1 failed) |")
+                   "| 2 (1 running) (+1 failed) | 20k-50k |")
     assert dreamer_row in table
+
+
+def test_env_table_gives_ranges_where_seeds_differ(tmp_path):
+    """Seeds that stopped at different steps, or ran for different times, show a range, not a misleading mean."""
+    root = tmp_path / "learning"
+    write_job(root, "dqn", "CartPole-v1", 0, 50_000, STEPS, [1, 2, 3, 4, 5], wall=600.0)
+    write_job(root, "dqn", "CartPole-v1", 1, 20_000, STEPS[:2], [1, 2], wall=7200.0)
+    write_job(root, "dqn", "CartPole-v1", 2, 20_000, STEPS[:2], [1, 2], wall=610.0)
+    (row,) = report.aggregate(report.find_runs(root), budgets={"CartPole-v1": [20_000]})
+    assert (row.min_steps, row.max_steps) == (20_000, 50_000)
+    assert row.wall_seconds_range == (600.0, 7200.0)
+    assert "| 3 | 20k-50k | 3.0 ± 1.7 | 10 min-2.0 h |" in report.render_env_table([row])
+    row.min_steps, row.wall_seconds_mean, row.wall_seconds_range = 50_000, 605.0, (600.0, 610.0)  # no range to show
+    assert "| 3 | 50k | 3.0 ± 1.7 | 10 min |" in report.render_env_table([row])
 
 
 def test_head_to_head_known_verdicts(synthetic, tmp_path):
