@@ -267,6 +267,7 @@ def aggregate(
             reached = [s for s in (steps_to_threshold(r, threshold) for r in seeds) if s is not None] if threshold else []
             walls = [r.wall_seconds for r in seeds if r.wall_seconds is not None and r.status == "ok"]
             any_run = (seeds or failed[key])[0]
+            last_steps = [int(r.timesteps.max()) for r in seeds if len(r.timesteps)]  # how far each seed got
             env_rows.append(
                 Row(
                     env=env, label=key[1], algo=any_run.algo, cells=cells, threshold=threshold,
@@ -275,8 +276,7 @@ def aggregate(
                     n_stopped=sum(r.status == "stopped" for r in seeds), n_paused=sum(r.status == "paused" for r in seeds),
                     wall_seconds_mean=float(np.mean(walls)) if walls else None,
                     wall_seconds_range=(min(walls), max(walls)) if walls else None,
-                    max_steps=max((int(r.timesteps.max()) for r in seeds if len(r.timesteps)), default=0),
-                    min_steps=min((int(r.timesteps.max()) for r in seeds if len(r.timesteps)), default=0),
+                    max_steps=max(last_steps, default=0), min_steps=min(last_steps, default=0),
                     last=mean_std([float(r.returns[-1]) for r in seeds if len(r.returns)]),
                     episodes=min((r.episodes for r in seeds if r.episodes), default=0),
                 )
